@@ -1,0 +1,171 @@
+"""Command line: ``python -m fg3d_blender {reconstruct,demo,fetch-assets,bench} …``.
+
+User errors print one line on stderr (``fg3d: error: …``) and exit 1; nothing is left half-written.
+Set ``FG3D_DEBUG=1`` to see tracebacks of unexpected failures.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+from .core.errors import FG3DError
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+def _err(msg: str) -> None:
+    print(f"fg3d: error: {' '.join(str(msg).split())}", file=sys.stderr)
+
+
+def _expand(paths: List[str]) -> List[Path]:
+    """Photos named directly, plus the image files of any folder named (sorted by name)."""
+    out: List[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_EXTS and q.is_file())
+            if not found:
+                raise FG3DError(f"{p}: is a folder with no photos in it (.jpg, .png, …)")
+            out.extend(found)
+        else:
+            out.append(p)
+    return out
+
+
+class _Progress:
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.enabled, self.t0 = total, enabled, time.perf_counter()
+
+    def update(self, done: int, label: str):
+        if not self.enabled:
+            return
+        width = 30
+        fill = int(width * done / max(self.total, 1))
+        rate = done / max(time.perf_counter() - self.t0, 1e-6)
+        sys.stderr.write(f"\r[{'#' * fill}{'.' * (width - fill)}] {done}/{self.total} {rate:.1f}/s {label[:40]:40s}")
+        sys.stderr.flush()
+        if done == self.total:
+            sys.stderr.write("\n")
+
+
+def _summary(result, files) -> dict:
+    return {"photo": result.source, "ok": True, "files": [str(f) for f in files], "pose": result.pose,
+            "refined": result.refined, "timings_ms": {k: round(v, 1) for k, v in result.timings.items()}}
+
+
+def cmd_reconstruct(args) -> int:
+    from .core.export import write_outputs
+    from .core.pipeline import reconstruct
+    formats = [f.strip().lower() for f in args.format.split(",") if f.strip()]
+    extras = [] if args.no_extras else ["depth", "pncc", "preview"]
+    photos = _expand(args.photos)
+    if not photos:
+        raise FG3DError("no photos given (a folder must contain .jpg/.png/… files)")
+    out_dir = Path(args.output)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FG3DError(f"{out_dir}: output path exists and is not a folder")
+    bar = _Progress(len(photos), enabled=len(photos) > 1 and not args.quiet)
+    reports, used = [], set()
+    for i, photo in enumerate(photos):
+        stem = photo.stem or "face"
+        k = 2
+        while stem in used:
+            stem, k = f"{photo.stem}_{k}", k + 1
+        used.add(stem)
+        try:
+            result = reconstruct(photo, face_index=args.face_index, refine=not args.no_refine,
+                                 texture_size=args.texture_size)
+            files = write_outputs(result, out_dir, stem, formats, extras)
+            reports.append(_summary(result, files))
+            if not args.json and not bar.enabled and not args.quiet:
+                print(f"{photo}: {len(files)} files in {out_dir} "
+                      f"({result.timings['total']:.0f} ms, yaw {result.pose['yaw']:+.0f}°)")
+        except FG3DError as exc:
+            if len(photos) == 1:
+                raise
+            reports.append({"photo": str(photo), "ok": False, "error": str(exc)})
+            if bar.enabled:
+                sys.stderr.write("\n")
+            _err(str(exc))
+        bar.update(i + 1, photo.name)
+    n_ok = sum(r["ok"] for r in reports)
+    if len(photos) > 1 and not args.quiet:
+        print(f"{n_ok} of {len(photos)} photos reconstructed, {len(photos) - n_ok} failed; outputs in {out_dir}",
+              file=sys.stderr)
+    if args.json:
+        print(json.dumps({"ok": n_ok, "failed": len(photos) - n_ok, "results": reports}))
+    return 0 if n_ok == len(photos) else 1
+
+
+def cmd_demo(args) -> int:
+    import cv2
+    import skimage.data
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    photo = out / "astronaut.png"
+    cv2.imwrite(str(photo), skimage.data.astronaut()[:, :, ::-1])
+    ns = argparse.Namespace(photos=[str(photo)], output=str(out), format="obj,glb,ply,npz", face_index=None,
+                            no_refine=args.no_refine, texture_size=1024, no_extras=False, json=False,
+                            quiet=False)
+    return cmd_reconstruct(ns)
+
+
+def cmd_fetch_assets(args) -> int:
+    from .core.assets import cache_dir, fetch_assets
+    n = fetch_assets(include_optional=args.optional, progress=lambda m: print(m, file=sys.stderr))
+    print(f"assets ready in {cache_dir()} ({n} fetched now)")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .core import bench
+    return bench.main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m fg3d_blender", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("reconstruct", help="photos or folders → textured face meshes")
+    r.add_argument("photos", nargs="+", metavar="PHOTO")
+    r.add_argument("-o", "--output", required=True, metavar="DIR")
+    r.add_argument("--format", default="obj,glb", help="comma list of obj,glb,ply,npz (default obj,glb)")
+    r.add_argument("--face-index", type=int, default=None, metavar="N", help="0 = largest face (default)")
+    r.add_argument("--no-refine", action="store_true", help="skip the FGNet refinement (coarse 3DMM only)")
+    r.add_argument("--texture-size", type=int, default=1024, choices=[256, 512, 1024, 2048])
+    r.add_argument("--no-extras", action="store_true", help="skip the depth, PNCC and preview PNGs")
+    r.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+    r.add_argument("-q", "--quiet", action="store_true")
+    r.set_defaults(func=cmd_reconstruct)
+    d = sub.add_parser("demo", help="reconstruct the public-domain astronaut photo (scikit-image) into DIR")
+    d.add_argument("-o", "--output", default="out", metavar="DIR")
+    d.add_argument("--no-refine", action="store_true")
+    d.set_defaults(func=cmd_demo)
+    f = sub.add_parser("fetch-assets", help="download (or copy from $FG3D_ASSET_MIRROR) the model files")
+    f.add_argument("--optional", action="store_true", help="also the optional Surrey Face Model files")
+    f.set_defaults(func=cmd_fetch_assets)
+    b = sub.add_parser("bench", help="benchmarks that print numbers (last line JSON with --json)")
+    from .core import bench
+    bench.add_arguments(b)
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except FG3DError as exc:
+        _err(str(exc))
+        return 1
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
+    except Exception as exc:  # noqa: BLE001 - users get one line; FG3D_DEBUG=1 shows the traceback
+        if os.environ.get("FG3D_DEBUG"):
+            raise
+        _err(f"internal error ({type(exc).__name__}: {exc}); rerun with FG3D_DEBUG=1 and report it")
+        return 3

@@ -1,0 +1,1 @@
+"""Blender-free pipeline: image → detections → 3DMM → renders → refinement → textured mesh → outputs."""

@@ -1,0 +1,145 @@
+"""Benchmarks that print numbers: ``bench aflw2000`` (landmark NME) and ``bench speed`` (per-stage ms).
+
+AFLW2000-3D protocol: NME of the 68 2D landmarks normalised by sqrt(w·h) of the ground-truth
+landmarks' bounding box, averaged per |yaw| bin [0,30), [30,60), [60,90] and over the three bins.
+``--crop gt`` crops from the ground-truth landmarks (the published protocol of 3DDFA/3DDFA_V2);
+``--crop detect`` runs our own detection end to end and counts every photo: when no face is found, the
+regressor starts from a centred box and re-crops from its own landmarks.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+YAW_BINS = ((0, 30), (30, 60), (60, 91))
+
+
+def add_arguments(parser) -> None:
+    sub = parser.add_subparsers(dest="bench", required=True)
+    a = sub.add_parser("aflw2000", help="landmark NME on AFLW2000-3D (images/ + labels.npz)")
+    a.add_argument("--dir", required=True)
+    a.add_argument("--crop", choices=["gt", "detect"], default="detect")
+    a.add_argument("--no-refine", action="store_true")
+    a.add_argument("--limit", type=int, default=0, help="first N photos only (0 = all)")
+    a.add_argument("--passes", type=int, default=2)
+    a.add_argument("--json", action="store_true")
+    s = sub.add_parser("speed", help="warm per-stage medians and cold start for one photo")
+    s.add_argument("photo")
+    s.add_argument("--repeat", type=int, default=20)
+    s.add_argument("--no-refine", action="store_true")
+    s.add_argument("--texture-size", type=int, default=1024)
+    s.add_argument("--json", action="store_true")
+
+
+def nme(pred: np.ndarray, gt: np.ndarray) -> float:
+    """pred, gt: (68,2).  Mean point error / sqrt(w·h) of the GT bounding box."""
+    wh = gt.max(0) - gt.min(0)
+    return float(np.linalg.norm(pred - gt, axis=1).mean() / np.sqrt(wh[0] * wh[1]))
+
+
+def balanced(errors: np.ndarray, yaws_deg: np.ndarray) -> dict:
+    by = []
+    for lo, hi in YAW_BINS:
+        sel = (np.abs(yaws_deg) >= lo) & (np.abs(yaws_deg) < hi)
+        by.append(float(errors[sel].mean()) if sel.any() else float("nan"))
+    return {"nme_balanced": float(np.nanmean(by)), "nme_by_yaw": by, "nme_mean": float(errors.mean())}
+
+
+def _fit_landmarks(image, start_landmarks, passes, refine):
+    from . import morphable
+    from .refine import refine as refine_stage
+    fm = morphable.face_model()
+    fit = morphable.fit_3dmm(image, start_landmarks, passes=passes)
+    verts = fit.vertices
+    if refine:
+        out = refine_stage(image, fit)
+        if out is not None:
+            verts = out
+    return fit.project(verts[fm.keypoints])[:, :2]
+
+
+def _fallback_start(image) -> np.ndarray:
+    """No face found: pretend landmarks fill a centred box half the photo's size (the regressor re-crops)."""
+    h, w = image.shape[:2]
+    s = min(h, w) * 0.25
+    cx, cy = w / 2, h / 2
+    return np.array([[cx - s, cy - s], [cx + s, cy + s]], dtype=np.float32)
+
+
+def _image_path(root: Path, name: str) -> Path:
+    p = root / "images" / name
+    return p if p.suffix else p.with_suffix(".jpg")
+
+
+def run_aflw2000(args) -> dict:
+    from . import detect
+    from .image_io import load_image
+    root = Path(args.dir)
+    labels = np.load(root / "labels.npz", allow_pickle=False)
+    names = [str(n) for n in labels["names"]]
+    gts = labels["pt3d_68"][:, :2, :].transpose(0, 2, 1).astype(np.float32)
+    yaws = np.degrees(labels["pose_para"][:, 1])
+    n = len(names) if not args.limit else min(args.limit, len(names))
+    errs, found, t0 = np.zeros(n), 0, time.perf_counter()
+    for i in range(n):
+        image = load_image(_image_path(root, names[i]))
+        gt = gts[i]
+        if args.crop == "gt":
+            start = gt
+        else:
+            faces = detect.detect_faces(image)
+            if faces:
+                found += 1
+                c = gt.mean(0)
+                best = min(faces, key=lambda f: np.linalg.norm(f.landmarks.mean(0) - c))
+                start = best.landmarks
+            else:
+                start = _fallback_start(image)
+        pred = _fit_landmarks(image, start, args.passes + (0 if args.crop == "gt" or found else 1),
+                              not args.no_refine)
+        errs[i] = nme(pred, gt)
+        if (i + 1) % 50 == 0 or i + 1 == n:
+            sys.stderr.write(f"\r{i + 1}/{n} NME so far {errs[:i + 1].mean() * 100:.2f}% "
+                             f"({(time.perf_counter() - t0) / (i + 1) * 1000:.0f} ms/photo)")
+            sys.stderr.flush()
+    sys.stderr.write("\n")
+    out = balanced(errs[:n], yaws[:n])
+    out.update({"n": n, "crop": args.crop, "refine": not args.no_refine, "passes": args.passes,
+                "detected": (found / n) if args.crop == "detect" else None})
+    return out
+
+
+def run_speed(args) -> dict:
+    from .image_io import load_image
+    from .pipeline import reconstruct
+    cold_cmd = [sys.executable, "-c",
+                "import time,sys;t=time.perf_counter();"
+                "from fg3d_blender.core.pipeline import reconstruct;"
+                f"reconstruct(sys.argv[1], refine={not args.no_refine}, texture_size={args.texture_size});"
+                "print((time.perf_counter()-t)*1000)", args.photo]
+    cold = float(subprocess.run(cold_cmd, capture_output=True, text=True, check=True,
+                                cwd=str(Path(__file__).resolve().parents[2])).stdout.strip().splitlines()[-1])
+    image = load_image(args.photo)
+    reconstruct(image, refine=not args.no_refine, texture_size=args.texture_size)
+    runs = [reconstruct(image, refine=not args.no_refine, texture_size=args.texture_size).timings
+            for _ in range(args.repeat)]
+    stages = {k: round(statistics.median(r[k] for r in runs), 1) for k in runs[0]}
+    return {"photo": args.photo, "size": list(image.shape[:2]), "warm_ms": stages,
+            "warm_total_ms": stages["total"], "cold_start_ms": round(cold, 1), "repeat": args.repeat,
+            "refine": not args.no_refine, "texture_size": args.texture_size}
+
+
+def main(args) -> int:
+    out = run_aflw2000(args) if args.bench == "aflw2000" else run_speed(args)
+    if args.json:
+        print(json.dumps(out))
+    else:
+        for k, v in out.items():
+            print(f"{k}: {v}")
+    return 0

