@@ -9,6 +9,7 @@ copy of the first 10 shape components, so it cannot represent expressions.
 """
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass
 from functools import cached_property
@@ -70,7 +71,9 @@ class FaceModel:
         wts = 1.0 / np.maximum(d, 1.0) ** 2
         wts /= wts.sum(1, keepdims=True)
         idx = on[j].astype(np.int32)
-        np.savez(cache, idx=idx, w=wts.astype(np.float64))
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.npz")
+        np.savez(tmp, idx=idx, w=wts.astype(np.float64))
+        os.replace(tmp, cache)
         return idx, wts
 
     @cached_property
@@ -130,7 +133,7 @@ class Fit:
 
     @property
     def pose_degrees(self) -> dict:
-        """Yaw (turn, + = face turned toward image left), pitch (+ = looking up), roll (in-plane)."""
+        """Yaw (+ = face turned toward the photo's right side), pitch, roll (in-plane), in degrees."""
         r = self.rotation
         yaw = np.arcsin(np.clip(r[0, 2], -1, 1))
         pitch = np.arctan2(-r[1, 2], r[2, 2])
