@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 YAW_BINS = ((0, 30), (30, 60), (60, 91))
+DEFAULT_PASSES = 2  # the pipeline's default (core.pipeline.reconstruct)
 
 
 def add_arguments(parser) -> None:
@@ -27,7 +28,9 @@ def add_arguments(parser) -> None:
     a.add_argument("--crop", choices=["gt", "detect"], default="detect")
     a.add_argument("--no-refine", action="store_true")
     a.add_argument("--limit", type=int, default=0, help="first N photos only (0 = all)")
-    a.add_argument("--passes", type=int, default=2)
+    a.add_argument("--passes", type=int, default=0,
+                   help="regressor passes (default: 1 for --crop gt, the published protocol; else the pipeline's)")
+    a.add_argument("--no-refit", action="store_true", help="skip the landmark refit of the 3DMM")
     a.add_argument("--json", action="store_true")
     s = sub.add_parser("speed", help="warm per-stage medians and cold start for one photo")
     s.add_argument("photo")
@@ -51,11 +54,11 @@ def balanced(errors: np.ndarray, yaws_deg: np.ndarray) -> dict:
     return {"nme_balanced": float(np.nanmean(by)), "nme_by_yaw": by, "nme_mean": float(errors.mean())}
 
 
-def _fit_landmarks(image, start_landmarks, passes, refine):
+def _fit_landmarks(image, start_landmarks, passes, refine, refit=True):
     from . import morphable
     from .refine import refine as refine_stage
     fm = morphable.face_model()
-    fit = morphable.fit_3dmm(image, start_landmarks, passes=passes)
+    fit = morphable.fit_3dmm(image, start_landmarks, passes=passes, refit=refit)
     verts = fit.vertices
     if refine:
         out = refine_stage(image, fit)
@@ -90,6 +93,7 @@ def run_aflw2000(args) -> dict:
     for i in range(n):
         image = load_image(_image_path(root, names[i]))
         gt = gts[i]
+        passes = args.passes or (1 if args.crop == "gt" else DEFAULT_PASSES)
         if args.crop == "gt":
             start = gt
         else:
@@ -97,12 +101,10 @@ def run_aflw2000(args) -> dict:
             if faces:
                 found += 1
                 c = gt.mean(0)
-                best = min(faces, key=lambda f: np.linalg.norm(f.landmarks.mean(0) - c))
-                start = best.landmarks
+                start = min(faces, key=lambda f: np.linalg.norm(f.landmarks.mean(0) - c)).landmarks
             else:
-                start = _fallback_start(image)
-        pred = _fit_landmarks(image, start, args.passes + (0 if args.crop == "gt" or found else 1),
-                              not args.no_refine)
+                start, passes = _fallback_start(image), passes + 2
+        pred = _fit_landmarks(image, start, passes, not args.no_refine, not args.no_refit)
         errs[i] = nme(pred, gt)
         if (i + 1) % 50 == 0 or i + 1 == n:
             sys.stderr.write(f"\r{i + 1}/{n} NME so far {errs[:i + 1].mean() * 100:.2f}% "
@@ -110,7 +112,8 @@ def run_aflw2000(args) -> dict:
             sys.stderr.flush()
     sys.stderr.write("\n")
     out = balanced(errs[:n], yaws[:n])
-    out.update({"n": n, "crop": args.crop, "refine": not args.no_refine, "passes": args.passes,
+    out.update({"n": n, "crop": args.crop, "refine": not args.no_refine, "refit": not args.no_refit,
+                "passes": args.passes or (1 if args.crop == "gt" else DEFAULT_PASSES),
                 "detected": (found / n) if args.crop == "detect" else None})
     return out
 
