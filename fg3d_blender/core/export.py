@@ -189,7 +189,10 @@ def write_outputs(result, out_dir, stem: str, formats: Iterable[str] = ("obj", "
     if bad:
         raise FG3DError(f"unknown output format {bad[0]!r} (choose from {', '.join(FORMATS)})")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FG3DError(f"{out_dir}: cannot create the output folder ({exc.strerror or exc})") from None
     w = AtomicWriter(out_dir)
     try:
         if "obj" in formats:
@@ -208,6 +211,9 @@ def write_outputs(result, out_dir, stem: str, formats: Iterable[str] = ("obj", "
             _write_png(w.path(f"{stem}_pncc.png"), result.pncc)
         if "preview" in extras:
             _write_png(w.path(f"{stem}_preview.png"), preview_image(result))
+    except OSError as exc:  # permission denied, disk full, …: one line, nothing left behind
+        w.abort()
+        raise FG3DError(f"{out_dir}: could not write the outputs ({exc.strerror or exc})") from None
     except BaseException:
         w.abort()
         raise
