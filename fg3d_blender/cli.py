@@ -58,10 +58,11 @@ def _summary(result, files) -> dict:
 
 
 def cmd_reconstruct(args) -> int:
-    from .core.export import write_outputs
+    from .core.export import check_formats, write_outputs
     from .core.pipeline import reconstruct
     formats = [f.strip().lower() for f in args.format.split(",") if f.strip()]
     extras = [] if args.no_extras else ["depth", "pncc", "preview"]
+    check_formats(formats, extras)  # once, before any photo is processed
     photos = _expand(args.photos)
     if not photos:
         raise FG3DError("no photos given (a folder must contain .jpg/.png/… files)")

@@ -181,13 +181,21 @@ def preview_image(result) -> np.ndarray:
     return panel
 
 
-def write_outputs(result, out_dir, stem: str, formats: Iterable[str] = ("obj", "glb"),
-                  extras: Iterable[str] = EXTRAS) -> List[Path]:
-    """Write the chosen formats and extras atomically; returns the final paths."""
+def check_formats(formats: Iterable[str], extras: Iterable[str] = ()) -> None:
+    """Raise FG3DError for an unknown format or extra (call it before any work is done)."""
     formats, extras = list(formats), list(extras)
     bad = [f for f in formats if f not in FORMATS] + [e for e in extras if e not in EXTRAS]
     if bad:
         raise FG3DError(f"unknown output format {bad[0]!r} (choose from {', '.join(FORMATS)})")
+    if not formats and not extras:
+        raise FG3DError(f"no output format given (choose from {', '.join(FORMATS)})")
+
+
+def write_outputs(result, out_dir, stem: str, formats: Iterable[str] = ("obj", "glb"),
+                  extras: Iterable[str] = EXTRAS) -> List[Path]:
+    """Write the chosen formats and extras atomically; returns the final paths."""
+    formats, extras = list(formats), list(extras)
+    check_formats(formats, extras)
     out_dir = Path(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
