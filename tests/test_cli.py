@@ -154,10 +154,13 @@ def test_output_path_that_is_a_file_gives_one_line(tmp_path, example_photo, run_
     assert blocker.read_text() == "x"
 
 
-def test_unknown_format_gives_one_line_and_no_files(tmp_path, example_photo, run_cli):
+def test_unknown_format_gives_one_line_and_no_files(tmp_path, photos_dir, run_cli):
+    """Checked once before any photo is processed: one line for a whole folder, not one per photo."""
     out = tmp_path / "out"
-    proc = run_cli("reconstruct", example_photo, "-o", out, "--format", "obj,glb,fbx")
+    proc = run_cli("reconstruct", photos_dir / "fg3d_examples", "-o", out, "--format", "obj,glb,fbx")
     check_one_error_line(proc, out, "fbx")
+    proc = run_cli("reconstruct", photos_dir / "fg3d_examples" / "test.jpg", "-o", out, "--format", ",", "--no-extras")
+    check_one_error_line(proc, out, "no output format")
 
 
 # ---- unusual but valid photos ---------------------------------------------------------------------
@@ -203,8 +206,9 @@ def test_exif_orientation_is_applied_when_loading(good_photos):
         assert img.dtype == np.uint8 and img.shape == up.shape, key
     rgba = load_image(p["rgba"])
     assert (rgba[:40] == 255).all()  # transparent pixels over white
-    np.testing.assert_array_equal(load_image(p["png16"]), cv2.imread(str(p["png16"]), cv2.IMREAD_COLOR) * 0
-                                  + (cv2.imread(str(p["png16"]), cv2.IMREAD_UNCHANGED) >> 8).astype(np.uint8))
+    raw16 = cv2.imread(str(p["png16"]), cv2.IMREAD_UNCHANGED)
+    assert raw16.dtype == np.uint16
+    np.testing.assert_array_equal(load_image(p["png16"]), (raw16 >> 8).astype(np.uint8))
 
 
 def test_non_ascii_path_and_all_formats(tmp_path, example_photo, run_cli):
