@@ -61,6 +61,9 @@ def good_photos(tmp_path_factory, upright, example_photo):
     p["rgba"] = d / "rgba.png"
     cv2.imwrite(str(p["rgba"]), rgba)
     p["gray"] = write_bytes(d / "gray.jpg", jpeg_bytes(cv2.cvtColor(upright, cv2.COLOR_BGR2GRAY)))
+    # data after the end-of-image marker, as phones append to "motion photos"
+    junk = np.random.default_rng(0).integers(0, 256, 200_000, dtype=np.uint8).tobytes()
+    p["trailer"] = write_bytes(d / "motion_photo.jpg", jpeg_bytes(upright) + junk)
     return d, p
 
 
@@ -81,6 +84,19 @@ def check_one_error_line(proc, out_dir: Path, *needles: str):
 def _truncated(d, photos_dir):
     data = (photos_dir / "fg3d_examples" / "test.jpg").read_bytes()
     return write_bytes(d / "truncated.jpg", data[: len(data) // 2])
+
+
+def _truncated_png(d, photos_dir):
+    ok, buf = cv2.imencode(".png", cv2.imread(str(photos_dir / "fg3d_examples" / "test.jpg")))
+    return write_bytes(d / "cut.png", buf.tobytes()[: len(buf) // 2])
+
+
+def _damaged_jpeg(d, photos_dir):
+    """Entropy-coded data overwritten in the middle: libjpeg reports a premature end of a segment."""
+    data = bytearray((photos_dir / "fg3d_examples" / "test.jpg").read_bytes())
+    for i in range(len(data) // 2, len(data) // 2 + 400, 7):
+        data[i] = 0xFF if data[i] != 0xFF else 0
+    return write_bytes(d / "damaged.jpg", bytes(data))
 
 
 def _empty(d, photos_dir):
@@ -124,6 +140,8 @@ def _too_large(d, photos_dir):
 
 BAD = {
     "truncated_jpeg": (_truncated, ["truncated.jpg", "truncated"]),
+    "truncated_png": (_truncated_png, ["cut.png", "not a readable image"]),
+    "damaged_jpeg": (_damaged_jpeg, ["damaged.jpg", "damaged"]),
     "zero_bytes": (_empty, ["empty.jpg", "empty"]),
     "text_named_jpg": (_text, ["notes.jpg", "not a readable image"]),
     "missing_path": (_missing, ["does_not_exist.jpg", "no such file"]),
@@ -166,7 +184,7 @@ def test_unknown_format_gives_one_line_and_no_files(tmp_path, photos_dir, run_cl
 # ---- unusual but valid photos ---------------------------------------------------------------------
 
 def test_unusual_photos_reconstruct_and_match_the_upright_photo(good_photos, run_cli, tmp_path):
-    """EXIF orientation 6/8, 16-bit PNG, RGBA PNG and grayscale JPEG: one batch, all succeed."""
+    """EXIF orientation 6/8, 16-bit PNG, RGBA PNG, grayscale JPEG, data after the JPEG's end: all succeed."""
     d, p = good_photos
     out = tmp_path / "out"
     proc = run_cli("reconstruct", d, "-o", out, "--format", "npz", "--no-extras", "--texture-size", "256",
