@@ -156,10 +156,17 @@ def depth_image(result) -> np.ndarray:
     return out
 
 
-def shaded_render(result) -> np.ndarray:
-    """Grey Lambertian render of the posed mesh over black, same size as the photo."""
+PREVIEW_MAX_WIDTH = 2400  # photo | overlay | shaded, side by side
+
+
+def shaded_render(result, scale: float = 1.0) -> np.ndarray:
+    """Grey Lambertian render of the posed mesh over black, the photo's size times ``scale``."""
     h, w = result.image.shape[:2]
-    ras = rasterize(result.image_vertices, result.triangles, h, w)
+    iv = result.image_vertices
+    if scale != 1.0:  # pixel centres stay at integer coordinates
+        iv = iv.copy()
+        iv[:, :2] = (iv[:, :2] + 0.5) * scale - 0.5
+    ras = rasterize(iv, result.triangles, max(1, round(h * scale)), max(1, round(w * scale)))
     n = result.normals @ result.camera["rotation"].T
     shade = 0.15 + 0.85 * np.clip(n[:, 2], 0, 1)
     img = interpolate(ras, result.triangles, shade)
@@ -167,18 +174,22 @@ def shaded_render(result) -> np.ndarray:
 
 
 def preview_image(result) -> np.ndarray:
+    """Photo, overlay with landmarks and shaded mesh side by side, at most PREVIEW_MAX_WIDTH wide.
+
+    A large photo is downscaled before anything is drawn, so a 144 MP photo costs no more than a small one.
+    """
     photo = result.image
-    shaded = shaded_render(result)
-    mask = result.mask[:, :, None]
+    h, w = photo.shape[:2]
+    s = min(1.0, PREVIEW_MAX_WIDTH / (3 * w))
+    if s < 1.0:
+        photo = cv2.resize(photo, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
+    shaded = shaded_render(result, s)
+    mask = shaded[:, :, :1] > 0  # the shade is at least 0.15 · 235 on the mesh
     overlay = np.where(mask, (0.45 * photo + 0.55 * shaded).astype(np.uint8), photo)
-    for x, y in result.landmarks_2d:
+    for x, y in (result.landmarks_2d + 0.5) * s - 0.5:
         cv2.circle(overlay, (int(round(x)), int(round(y))), max(1, photo.shape[1] // 300), (0, 255, 0), -1,
                    cv2.LINE_AA)
-    panel = np.concatenate([photo, overlay, shaded], axis=1)
-    if panel.shape[1] > 2400:
-        s = 2400 / panel.shape[1]
-        panel = cv2.resize(panel, (2400, max(1, round(panel.shape[0] * s))), interpolation=cv2.INTER_AREA)
-    return panel
+    return np.concatenate([photo, overlay, shaded], axis=1)
 
 
 def check_formats(formats: Iterable[str], extras: Iterable[str] = ()) -> None:
