@@ -288,10 +288,13 @@ def test_huge_photo_within_the_limit(tmp_path, photos_dir, run_cli, reconstructe
     p.write_bytes(jpeg_bytes(canvas, 80))
     del canvas
     out = tmp_path / "out"
-    proc = run_cli("reconstruct", p, "-o", out, "--format", "npz", "--no-extras", "--texture-size", "256")
+    proc = run_cli("reconstruct", p, "-o", out, "--format", "npz", "--texture-size", "256")
     assert proc.returncode == 0, proc.stderr
     with np.load(out / "huge.npz") as z:
         lm = z["landmarks_2d"]
+    preview = cv2.imread(str(out / "huge_preview.png"))
+    assert preview.shape == (800, 2400, 3)  # photo | overlay | shaded, downscaled to 2400 px
+    assert cv2.imread(str(out / "huge_depth.png"), cv2.IMREAD_UNCHANGED).shape == (12000, 12000)
     # the face sits at x 5000–7400, y 4000–6400: the 800 px original's landmarks ×3 plus that offset
     small = reconstructed(photos_dir / "london_faces" / "001_03_neutral.jpg", texture_size=256)
     expected = small.landmarks_2d * 3.0 + np.array([5000.0, 4000.0])

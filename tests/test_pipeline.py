@@ -238,11 +238,14 @@ def test_visibility_hides_the_far_side_of_a_turned_face(reconstructed, multipose
 # ---- stage 5: texture -----------------------------------------------------------------------------
 
 def recompute_texture(r, size):
+    """The texture stage run on the Result's own data, in the window the pipeline renders."""
     fm = morphable.face_model()
-    ras = render.rasterize(r.image_vertices, fm.triangles, *r.image.shape[:2])
+    x0, y0, x1, y1 = render.bounding_window(r.image_vertices, *r.image.shape[:2])
+    iv = r.image_vertices - np.array([x0, y0, 0], dtype=np.float32)
+    ras = render.rasterize(iv, fm.triangles, y1 - y0, x1 - x0)
     facing = (r.normals @ r.camera["rotation"].T)[:, 2]
     tol = max(1.0, OCCLUSION_TOLERANCE_MM * r.camera["scale"])
-    return texture.make_texture(r.image, r.image_vertices, facing, fm.uvs, fm.triangles, ras.depth, size, tol)
+    return texture.make_texture(r.image[y0:y1, x0:x1], iv, facing, fm.uvs, fm.triangles, ras.depth, size, tol)
 
 
 def test_visible_texels_carry_the_photo_colour(frontal):
@@ -352,3 +355,32 @@ def test_reconstruct_accepts_an_array_and_face_index(photos_dir, reconstructed):
     assert big.camera["scale"] > small.camera["scale"]
     with pytest.raises(FG3DError, match="face index 2"):
         reconstruct(img, face_index=2, texture_size=256)
+
+
+@pytest.mark.parametrize("crop", ["none", "cut_left"])
+def test_renders_equal_a_full_photo_rasterization(reconstructed, photos_dir, tmp_path_factory, crop):
+    """The pipeline renders only the window the mesh covers; that must equal rendering the whole photo,
+    also when the face runs off the photo's edge."""
+    src = photos_dir / "london_faces" / "001_03_neutral.jpg"
+    if crop == "cut_left":
+        p = tmp_path_factory.mktemp("cut") / "cut_left.png"
+        cv2.imwrite(str(p), cv2.imread(str(src))[:, 290:])
+        src = p
+    r = reconstructed(src, texture_size=256)
+    h, w = r.image.shape[:2]
+    iv = r.image_vertices
+    if crop == "cut_left":
+        assert iv[:, 0].min() < 0  # the mesh really leaves the photo
+    assert (iv[:, 0].max() - iv[:, 0].min()) * (iv[:, 1].max() - iv[:, 1].min()) < 0.7 * h * w
+    fm = morphable.face_model()
+    ras = render.rasterize(iv, fm.triangles, h, w)
+    np.testing.assert_array_equal(r.mask, ras.mask)
+    np.testing.assert_array_equal(r.depth[r.mask], ras.depth[ras.mask])
+    pncc = render.interpolate(ras, fm.triangles, render.pncc_colors(fm.mean_mm))
+    np.testing.assert_array_equal(r.pncc, (np.clip(pncc[:, :, ::-1], 0, 1) * 255 + 0.5).astype(np.uint8))
+    tol = max(1.0, OCCLUSION_TOLERANCE_MM * r.camera["scale"])
+    np.testing.assert_array_equal(r.vertex_visible, render.visible_vertices(ras, iv, tol))
+    facing = (r.normals @ r.camera["rotation"].T)[:, 2]
+    tex, _ = texture.make_texture(r.image, iv, facing, fm.uvs, fm.triangles, ras.depth, 256, tol)
+    diff = np.abs(tex.astype(int) - r.texture)
+    assert diff.max() <= 3 and (diff > 0).mean() < 1e-3  # float rounding of the window offset only
