@@ -269,6 +269,7 @@ def test_several_faces_default_largest_and_face_index(two_faces_photo, run_cli, 
             args += ["--face-index", str(idx)]
         proc = run_cli(*args)
         assert proc.returncode == 0, proc.stderr
+        assert proc.stderr.strip() == ""
         with np.load(out / "two_faces.npz") as z:
             lm[idx] = z["landmarks_2d"]
     assert lm[None][:, 0].max() < 800 < lm[1][:, 0].min()  # largest = the left portrait
@@ -309,6 +310,7 @@ def test_batch_with_good_and_bad_photos(tmp_path, photos_dir, run_cli):
     ex = photos_dir / "fg3d_examples"
     (d / "a_good.jpg").write_bytes((ex / "test.jpg").read_bytes())
     (d / "b_good.jpg").write_bytes((ex / "AFW_2266416332_1_0.jpg").read_bytes())
+    cv2.imwrite(str(d / "b_good.png"), cv2.imread(str(ex / "HELEN_1238081332_1_0.jpg")))  # same stem
     _truncated(d, photos_dir)
     _text(d, photos_dir)
     _no_face(d, photos_dir)
@@ -317,16 +319,18 @@ def test_batch_with_good_and_bad_photos(tmp_path, photos_dir, run_cli):
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert summary["ok"] == 2 and summary["failed"] == 3
+    assert summary["ok"] == 3 and summary["failed"] == 3
     by_photo = {Path(r["photo"]).name: r for r in summary["results"]}
-    assert by_photo["a_good.jpg"]["ok"] and by_photo["b_good.jpg"]["ok"]
+    assert by_photo["a_good.jpg"]["ok"] and by_photo["b_good.jpg"]["ok"] and by_photo["b_good.png"]["ok"]
     for bad in ("truncated.jpg", "notes.jpg", "shirt.jpg"):
         assert not by_photo[bad]["ok"] and bad in by_photo[bad]["error"]
     err_lines = [l for l in proc.stderr.replace("\r", "\n").splitlines() if l.startswith("fg3d: error:")]
     assert len(err_lines) == 3
-    assert "5/5" in proc.stderr  # the progress bar reached the end
-    assert "2 of 5 photos reconstructed, 3 failed" in proc.stderr
+    assert "6/6" in proc.stderr  # the progress bar reached the end
+    assert "3 of 6 photos reconstructed, 3 failed" in proc.stderr
     names = sorted(q.name for q in out.iterdir())
     expected = sorted(f"{s}{x}" for s in ("a_good", "b_good")
                       for x in (".obj", ".mtl", "_texture.png", ".npz", "_depth.png", "_pncc.png", "_preview.png"))
-    assert names == expected  # nothing for the bad photos, no temporaries
+    expected = sorted(expected + [n.replace("b_good", "b_good_2") for n in expected if n.startswith("b_good")])
+    assert names == expected  # nothing for the bad photos, no temporaries, no name clash
+    assert "mtllib b_good_2.mtl" in (out / "b_good_2.obj").read_text()
