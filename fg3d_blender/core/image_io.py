@@ -80,7 +80,7 @@ def _decode(data: np.ndarray, flags: int) -> Tuple[object, List[str]]:
 
 def _check_header_size(data: np.ndarray, path: Path) -> None:
     """Refuse absurdly large images before decoding them (PNG and JPEG headers are read)."""
-    head = data[:65536].tobytes()
+    head = data[: 1 << 22].tobytes()  # JPEG APPn segments (EXIF, ICC, XMP) can push the SOF far in
     w = h = 0
     if head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) >= 24:
         w, h = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
