@@ -138,6 +138,13 @@ def _too_large(d, photos_dir):
     return write_bytes(d / "huge_header.jpg", bytes(data))
 
 
+def _too_large_behind_metadata(d, photos_dir):
+    # the same, with 120 kB of APP2 metadata (ICC profiles, XMP, … are that big) before the frame header
+    data = _too_large(d, photos_dir).read_bytes()
+    app = b"".join(b"\xff\xe2" + struct.pack(">H", 60000) + bytes(59998) for _ in range(2))
+    return write_bytes(d / "huge_header_meta.jpg", data[:2] + app + data[2:])
+
+
 BAD = {
     "truncated_jpeg": (_truncated, ["truncated.jpg", "truncated"]),
     "truncated_png": (_truncated_png, ["cut.png", "not a readable image"]),
@@ -149,6 +156,8 @@ BAD = {
     "32x32": (_tiny, ["tiny.png", "no face"]),
     "no_face": (_no_face, ["shirt.jpg", "no face found"]),
     "over_150_megapixels": (_too_large, ["huge_header.jpg", "MP limit"]),
+    "over_150_megapixels_behind_metadata": (_too_large_behind_metadata, ["huge_header_meta.jpg", "20000×20000",
+                                                                          "MP limit"]),
 }
 
 
