@@ -30,7 +30,8 @@ def compare_raster(verts, tris, h, w):
     np.testing.assert_allclose(bary[hit], r_bary[hit], atol=1e-4)
     assert np.all(np.isneginf(depth[tri_id < 0]))
     assert np.all(bary[tri_id < 0] == 0)
-    # at ambiguous pixels the compiled answer must still be one of the triangles that are close
+    # ambiguous pixels (on an edge or a depth tie, where float32 may decide either way) are excluded
+    # above; they must stay rare or the comparison would prove little
     assert amb.mean() < 0.05, "the reference marks too many pixels ambiguous: test mesh is badly chosen"
     return (depth, tri_id, bary), (r_depth, r_tri, r_bary)
 
