@@ -14,7 +14,8 @@ Fixtures (generic, usable by every test module):
   ``core.pipeline.reconstruct`` once per (path, kwargs) for the whole session (results are shared,
   do not modify them in place).
 * ``cli_env``      — environment dict for ``subprocess`` runs of ``python -m fg3d_blender`` (repo on
-  PYTHONPATH, asset mirror set, one thread per library).
+  PYTHONPATH, asset mirror set, one thread per library: one photo needs no more, and the CLI runs
+  must not compete with the test process for the CI's two cores).
 * ``run_cli``      — ``run_cli(*args, cwd=None) -> CompletedProcess`` (text, captured output).
 """
 from __future__ import annotations
@@ -31,8 +32,6 @@ SHARED = REPO.parent / "shared"
 
 if (SHARED / "models").is_dir():
     os.environ.setdefault("FG3D_ASSET_MIRROR", str(SHARED / "models"))
-for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-    os.environ.setdefault(_var, "1")
 
 
 def _require_shared() -> Path:
@@ -60,9 +59,6 @@ def example_photo(photos_dir) -> Path:
 @pytest.fixture(scope="session")
 def reconstructed(shared_dir):
     """``reconstructed(path, **kwargs)``: the pipeline's Result, computed once per session."""
-    import torch
-
-    torch.set_num_threads(1)
     from fg3d_blender.core.pipeline import reconstruct
 
     cache = {}
