@@ -202,6 +202,19 @@ def check_formats(formats: Iterable[str], extras: Iterable[str] = ()) -> None:
         raise FG3DError(f"no output format given (choose from {', '.join(FORMATS)})")
 
 
+def check_output_dir(out_dir) -> None:
+    """Raise FG3DError at once when ``out_dir`` cannot be a folder (it, or its nearest existing parent,
+    is a file), before any photo is processed."""
+    p = Path(out_dir)
+    if p.exists() and not p.is_dir():
+        raise FG3DError(f"{p}: output path exists and is not a folder")
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise FG3DError(f"{p}: cannot create the output folder ({parent} is a file)")
+            break
+
+
 def write_outputs(result, out_dir, stem: str, formats: Iterable[str] = ("obj", "glb"),
                   extras: Iterable[str] = EXTRAS) -> List[Path]:
     """Write the chosen formats and extras atomically; returns the final paths."""
