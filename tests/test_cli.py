@@ -177,7 +177,7 @@ def test_output_path_that_is_a_file_gives_one_line(tmp_path, example_photo, run_
     proc = run_cli("reconstruct", example_photo, "-o", blocker)
     check_one_error_line(proc, tmp_path / "nothing", "taken", "not a folder")
     proc = run_cli("reconstruct", example_photo, "-o", blocker / "sub")
-    check_one_error_line(proc, tmp_path / "nothing", str(blocker / "sub"))
+    check_one_error_line(proc, tmp_path / "nothing", str(blocker / "sub"), "is a file")
     assert blocker.read_text() == "x"
 
 
