@@ -343,3 +343,17 @@ def test_batch_with_good_and_bad_photos(tmp_path, photos_dir, run_cli):
     expected = sorted(expected + [n.replace("b_good", "b_good_2") for n in expected if n.startswith("b_good")])
     assert names == expected  # nothing for the bad photos, no temporaries, no name clash
     assert "mtllib b_good_2.mtl" in (out / "b_good_2.obj").read_text()
+
+
+def test_demo_command(tmp_path, run_cli):
+    """`make demo`: the public-domain astronaut photo → all formats and extras."""
+    out = tmp_path / "demo"
+    proc = run_cli("demo", "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    names = {q.name for q in out.iterdir()}
+    assert {"astronaut.png", "astronaut.obj", "astronaut.mtl", "astronaut_texture.png", "astronaut.glb",
+            "astronaut.ply", "astronaut.npz", "astronaut_preview.png"} <= names
+    with np.load(out / "astronaut.npz") as z:
+        assert z["vertices"].shape == (53215, 3)
+        lm = z["landmarks_2d"]
+    assert 150 < lm[:, 0].mean() < 300 and 50 < lm[:, 1].mean() < 200  # her face, upper middle of 512²
