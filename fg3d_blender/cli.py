@@ -58,16 +58,16 @@ def _summary(result, files) -> dict:
 
 
 def cmd_reconstruct(args) -> int:
-    from .core.export import write_outputs
+    from .core.export import check_formats, check_output_dir, write_outputs
     from .core.pipeline import reconstruct
     formats = [f.strip().lower() for f in args.format.split(",") if f.strip()]
     extras = [] if args.no_extras else ["depth", "pncc", "preview"]
+    check_formats(formats, extras)  # once, before any photo is processed
     photos = _expand(args.photos)
     if not photos:
         raise FG3DError("no photos given (a folder must contain .jpg/.png/… files)")
     out_dir = Path(args.output)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FG3DError(f"{out_dir}: output path exists and is not a folder")
+    check_output_dir(out_dir)
     bar = _Progress(len(photos), enabled=len(photos) > 1 and not args.quiet)
     reports, used = [], set()
     for i, photo in enumerate(photos):

@@ -156,10 +156,17 @@ def depth_image(result) -> np.ndarray:
     return out
 
 
-def shaded_render(result) -> np.ndarray:
-    """Grey Lambertian render of the posed mesh over black, same size as the photo."""
+PREVIEW_MAX_WIDTH = 2400  # photo | overlay | shaded, side by side
+
+
+def shaded_render(result, scale: float = 1.0) -> np.ndarray:
+    """Grey Lambertian render of the posed mesh over black, the photo's size times ``scale``."""
     h, w = result.image.shape[:2]
-    ras = rasterize(result.image_vertices, result.triangles, h, w)
+    iv = result.image_vertices
+    if scale != 1.0:  # pixel centres stay at integer coordinates
+        iv = iv.copy()
+        iv[:, :2] = (iv[:, :2] + 0.5) * scale - 0.5
+    ras = rasterize(iv, result.triangles, max(1, round(h * scale)), max(1, round(w * scale)))
     n = result.normals @ result.camera["rotation"].T
     shade = 0.15 + 0.85 * np.clip(n[:, 2], 0, 1)
     img = interpolate(ras, result.triangles, shade)
@@ -167,29 +174,57 @@ def shaded_render(result) -> np.ndarray:
 
 
 def preview_image(result) -> np.ndarray:
+    """Photo, overlay with landmarks and shaded mesh side by side, at most PREVIEW_MAX_WIDTH wide.
+
+    A large photo is downscaled before anything is drawn, so a 144 MP photo costs no more than a small one.
+    """
     photo = result.image
-    shaded = shaded_render(result)
-    mask = result.mask[:, :, None]
+    h, w = photo.shape[:2]
+    s = min(1.0, PREVIEW_MAX_WIDTH / (3 * w))
+    if s < 1.0:
+        photo = cv2.resize(photo, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
+    shaded = shaded_render(result, s)
+    mask = shaded[:, :, :1] > 0  # the shade is at least 0.15 · 235 on the mesh
     overlay = np.where(mask, (0.45 * photo + 0.55 * shaded).astype(np.uint8), photo)
-    for x, y in result.landmarks_2d:
+    for x, y in (result.landmarks_2d + 0.5) * s - 0.5:
         cv2.circle(overlay, (int(round(x)), int(round(y))), max(1, photo.shape[1] // 300), (0, 255, 0), -1,
                    cv2.LINE_AA)
-    panel = np.concatenate([photo, overlay, shaded], axis=1)
-    if panel.shape[1] > 2400:
-        s = 2400 / panel.shape[1]
-        panel = cv2.resize(panel, (2400, max(1, round(panel.shape[0] * s))), interpolation=cv2.INTER_AREA)
-    return panel
+    return np.concatenate([photo, overlay, shaded], axis=1)
+
+
+def check_formats(formats: Iterable[str], extras: Iterable[str] = ()) -> None:
+    """Raise FG3DError for an unknown format or extra (call it before any work is done)."""
+    formats, extras = list(formats), list(extras)
+    bad = [f for f in formats if f not in FORMATS] + [e for e in extras if e not in EXTRAS]
+    if bad:
+        raise FG3DError(f"unknown output format {bad[0]!r} (choose from {', '.join(FORMATS)})")
+    if not formats and not extras:
+        raise FG3DError(f"no output format given (choose from {', '.join(FORMATS)})")
+
+
+def check_output_dir(out_dir) -> None:
+    """Raise FG3DError at once when ``out_dir`` cannot be a folder (it, or its nearest existing parent,
+    is a file), before any photo is processed."""
+    p = Path(out_dir)
+    if p.exists() and not p.is_dir():
+        raise FG3DError(f"{p}: output path exists and is not a folder")
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise FG3DError(f"{p}: cannot create the output folder ({parent} is a file)")
+            break
 
 
 def write_outputs(result, out_dir, stem: str, formats: Iterable[str] = ("obj", "glb"),
                   extras: Iterable[str] = EXTRAS) -> List[Path]:
     """Write the chosen formats and extras atomically; returns the final paths."""
     formats, extras = list(formats), list(extras)
-    bad = [f for f in formats if f not in FORMATS] + [e for e in extras if e not in EXTRAS]
-    if bad:
-        raise FG3DError(f"unknown output format {bad[0]!r} (choose from {', '.join(FORMATS)})")
+    check_formats(formats, extras)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FG3DError(f"{out_dir}: cannot create the output folder ({exc.strerror or exc})") from None
     w = AtomicWriter(out_dir)
     try:
         if "obj" in formats:
@@ -208,6 +243,9 @@ def write_outputs(result, out_dir, stem: str, formats: Iterable[str] = ("obj", "
             _write_png(w.path(f"{stem}_pncc.png"), result.pncc)
         if "preview" in extras:
             _write_png(w.path(f"{stem}_preview.png"), preview_image(result))
+    except OSError as exc:  # permission denied, disk full, …: one line, nothing left behind
+        w.abort()
+        raise FG3DError(f"{out_dir}: could not write the outputs ({exc.strerror or exc})") from None
     except BaseException:
         w.abort()
         raise

@@ -1,14 +1,19 @@
 """Stage 1 — load a photo into 8-bit BGR, whatever the file holds.
 
-JPEG: EXIF orientation is applied and a truncated file is refused.  Other formats: 16-bit → 8-bit,
-grayscale → BGR, alpha composited over white.  Photos up to ``MAX_PIXELS`` are accepted; detection
+JPEG: EXIF orientation is applied; a truncated file (or one whose data ends early) is refused, while
+data appended after the end-of-image marker (phone "motion photos") is ignored.  Other formats:
+16-bit → 8-bit, grayscale → BGR, alpha composited over white.  The C decoders' own messages (libjpeg,
+libpng print them on stderr) are captured, so a bad file gives one clear line and nothing else.  Photos up to ``MAX_PIXELS`` are accepted; detection
 works on a downscaled copy (see ``detect``) while the texture is sampled from full resolution.
 """
 from __future__ import annotations
 
 import os
+import sys
+import tempfile
+import threading
 from pathlib import Path
-from typing import Union
+from typing import List, Tuple, Union
 
 import cv2
 import numpy as np
@@ -28,28 +33,54 @@ def load_image(source: Union[str, os.PathLike, np.ndarray]) -> np.ndarray:
         raise FG3DError(f"{path}: no such file")
     if path.is_dir():
         raise FG3DError(f"{path}: is a directory, not a photo")
-    data = np.fromfile(str(path), dtype=np.uint8)  # works for non-ASCII paths on every platform
+    try:
+        data = np.fromfile(str(path), dtype=np.uint8)  # works for non-ASCII paths on every platform
+    except OSError as exc:
+        raise FG3DError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     if data.size == 0:
         raise FG3DError(f"{path}: the file is empty")
     is_jpeg = data.size > 3 and data[0] == 0xFF and data[1] == 0xD8
-    if is_jpeg and not _jpeg_complete(data):
-        raise FG3DError(f"{path}: the JPEG is truncated (no end-of-image marker)")
     _check_header_size(data, path)
     flags = cv2.IMREAD_COLOR if is_jpeg else cv2.IMREAD_UNCHANGED
-    img = cv2.imdecode(data, flags)
+    img, messages = _decode(data, flags)
     if img is None:
-        raise FG3DError(f"{path}: not a readable image (JPEG, PNG, BMP, TIFF, WebP …)")
+        if is_jpeg and b"\xff\xd9" not in data.tobytes():
+            raise FG3DError(f"{path}: the JPEG is truncated (no end-of-image marker)")
+        detail = f" ({messages[0]})" if messages else ""
+        raise FG3DError(f"{path}: not a readable image (JPEG, PNG, BMP, TIFF, WebP …){detail}")
+    if is_jpeg:
+        early = [m for m in messages if "premature end" in m.lower()]
+        if early:
+            raise FG3DError(f"{path}: the JPEG is truncated or damaged ({early[0]})")
     return to_bgr8(img, str(path))
 
 
-def _jpeg_complete(data: np.ndarray) -> bool:
-    tail = data[-4096:].tobytes()
-    return b"\xff\xd9" in tail
+_decode_lock = threading.Lock()
+
+
+def _decode(data: np.ndarray, flags: int) -> Tuple[object, List[str]]:
+    """``cv2.imdecode`` with whatever the C decoders print on stderr captured and returned as lines."""
+    with _decode_lock:
+        try:
+            sys.stderr.flush()
+            saved = os.dup(2)
+        except (OSError, ValueError):  # no usable stderr (some GUI hosts): decode without capturing
+            return cv2.imdecode(data, flags), []
+        with tempfile.TemporaryFile() as cap:
+            try:
+                os.dup2(cap.fileno(), 2)
+                img = cv2.imdecode(data, flags)
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+            cap.seek(0)
+            text = cap.read().decode("utf-8", "replace")
+    return img, [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def _check_header_size(data: np.ndarray, path: Path) -> None:
     """Refuse absurdly large images before decoding them (PNG and JPEG headers are read)."""
-    head = data[:65536].tobytes()
+    head = data[: 1 << 22].tobytes()  # JPEG APPn segments (EXIF, ICC, XMP) can push the SOF far in
     w = h = 0
     if head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) >= 24:
         w, h = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")

@@ -84,18 +84,26 @@ def reconstruct(photo: Union[str, os.PathLike, np.ndarray], face_index: Optional
     h, w = image.shape[:2]
     with _timed(t, "render"):
         iv = fit.project(vertices)
-        ras = render.rasterize(iv, fm.triangles, h, w)
-        mask = ras.mask
-        depth = np.where(mask, ras.depth, np.nan).astype(np.float32)
+        # render in the window the mesh covers (window coordinates = iv - off), then place it in the photo
+        x0, y0, x1, y1 = render.bounding_window(iv, h, w)
+        win = (slice(y0, y1), slice(x0, x1))
+        iv_win = iv - np.array([x0, y0, 0], dtype=np.float32)
+        ras = render.rasterize(iv_win, fm.triangles, y1 - y0, x1 - x0)
+        mask = np.zeros((h, w), dtype=bool)
+        mask[win] = ras.mask
+        depth = np.full((h, w), np.nan, dtype=np.float32)
+        depth[win] = np.where(ras.mask, ras.depth, np.nan)
         pncc_rgb = render.interpolate(ras, fm.triangles, render.pncc_colors(fm.mean_mm))
-        pncc = np.ascontiguousarray((np.clip(pncc_rgb[:, :, ::-1], 0, 1) * 255 + 0.5).astype(np.uint8))
+        pncc = np.zeros((h, w, 3), dtype=np.uint8)
+        pncc[win] = (np.clip(pncc_rgb[:, :, ::-1], 0, 1) * 255 + 0.5).astype(np.uint8)
         tol = max(1.0, OCCLUSION_TOLERANCE_MM * fit.scale)
-        visible = render.visible_vertices(ras, iv, tol)
+        visible = render.visible_vertices(ras, iv_win, tol)
         normals = render.vertex_normals(vertices, fm.triangles)
         facing = (normals @ fit.rotation.T)[:, 2]
     say("texture", 0.85)
     with _timed(t, "texture"):
-        tex, _ = texture.make_texture(image, iv, facing, fm.uvs, fm.triangles, ras.depth, texture_size, tol)
+        tex, _ = texture.make_texture(image[win], iv_win, facing, fm.uvs, fm.triangles, ras.depth, texture_size,
+                                      tol)
     t["total"] = sum(v for k, v in t.items())
     say("done", 1.0)
     kp = fm.keypoints

@@ -64,6 +64,19 @@ def pncc_colors(mean_vertices: np.ndarray) -> np.ndarray:
     return ((mean_vertices - lo) / (hi - lo)).astype(np.float32)
 
 
+def bounding_window(image_vertices: np.ndarray, height: int, width: int, margin: int = 2):
+    """Integer window (x0, y0, x1, y1) holding every projected vertex plus ``margin`` px, clipped to the
+    image and at least 1×1.  Rendering only there keeps a face in a huge photo cheap.  x0 and y0 are
+    even, so rounding half to even (np.rint, OpenCV's remap) gives the same pixels in window and photo
+    coordinates: a windowed render is bit-identical to a whole-photo one."""
+    lo = np.floor(image_vertices[:, :2].min(0)).astype(np.int64) - margin
+    lo -= lo % 2
+    hi = np.ceil(image_vertices[:, :2].max(0)).astype(np.int64) + margin + 1
+    x0, y0 = int(np.clip(lo[0], 0, width - 1)), int(np.clip(lo[1], 0, height - 1))
+    x1, y1 = int(np.clip(hi[0], x0 + 1, width)), int(np.clip(hi[1], y0 + 1, height))
+    return x0, y0, x1, y1
+
+
 def visible_vertices(r: Raster, image_vertices: np.ndarray, tolerance: float) -> np.ndarray:
     """Vertices inside the photo whose depth is within ``tolerance`` px of the z-buffer."""
     h, w = r.depth.shape

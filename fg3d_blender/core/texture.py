@@ -25,16 +25,20 @@ def texel_visibility(pos: np.ndarray, layout: np.ndarray, zbuffer: np.ndarray, t
 def push_pull_fill(img: np.ndarray, known: np.ndarray) -> np.ndarray:
     """Fill pixels where ``known`` is False with a smooth continuation of the known ones.
 
-    Pull: a pyramid of weight-premultiplied colours and coverage.  Push: from the coarsest level up,
-    each level keeps its own (premultiplied) colour and takes the upsampled estimate for the rest.
+    Pull: a pyramid of weight-premultiplied colours and coverage; a coarse pixel's weight is the sum of
+    its children's, capped at 1 (Gortler et al. 1996), so one known child is enough to define it.  Push:
+    from the coarsest level up, each level keeps its own (premultiplied) colour and takes the upsampled
+    estimate for the rest.
     """
     w = known.astype(np.float32)
     levels = [(img.astype(np.float32) * w[..., None], w)]
     while min(levels[-1][1].shape) > 1:
         li, lw = levels[-1]
         size = (max(1, li.shape[1] // 2), max(1, li.shape[0] // 2))
-        levels.append((cv2.resize(li, size, interpolation=cv2.INTER_AREA),
-                       cv2.resize(lw, size, interpolation=cv2.INTER_AREA)))
+        ci = cv2.resize(li, size, interpolation=cv2.INTER_AREA)
+        cw = cv2.resize(lw, size, interpolation=cv2.INTER_AREA)
+        nw = np.minimum(1.0, 4.0 * cw)
+        levels.append((ci * (nw / np.maximum(cw, 1e-8))[..., None], nw))
     li, lw = levels[-1]
     est = li / np.maximum(lw, 1e-8)[..., None]
     for li, lw in reversed(levels[:-1]):

@@ -1,0 +1,386 @@
+"""Every stage of the reconstruction core on real photos: detection, 3DMM fit, renders, texture, result."""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import scipy.io as sio
+
+from fg3d_blender.core import detect, morphable, render, texture
+from fg3d_blender.core.assets import asset_path
+from fg3d_blender.core.bench import nme
+from fg3d_blender.core.errors import FG3DError, NoFaceError
+from fg3d_blender.core.image_io import load_image
+from fg3d_blender.core.pipeline import OCCLUSION_TOLERANCE_MM
+
+# a spread of the paper's examples: FRGC, AFW and HELEN crops, frontal and turned
+NME_PHOTOS = ["test.jpg", "AFW_2122067003_1_0.jpg", "AFW_2312639559_1_0.jpg", "AFW_448291547_1_0.jpg",
+              "HELEN_1238081332_1_0.jpg", "HELEN_1344304961_1_0.jpg", "02463d453_-3_13.jpg"]
+TURNED = "02463d453_57_-3.jpg"  # frgc_multipose: yaw 57°, face turned toward the photo's left
+
+
+@pytest.fixture(scope="module")
+def examples(photos_dir):
+    return photos_dir / "fg3d_examples"
+
+
+@pytest.fixture(scope="module")
+def multipose(photos_dir):
+    return photos_dir / "frgc_multipose"
+
+
+@pytest.fixture(scope="module")
+def frontal(reconstructed, example_photo):
+    return reconstructed(example_photo, texture_size=512)
+
+
+@pytest.fixture(scope="module")
+def turned(reconstructed, multipose):
+    return reconstructed(multipose / TURNED, texture_size=512)
+
+
+# ---- stage 2: detection ---------------------------------------------------------------------------
+
+def test_faces_found_on_every_example_photo_with_landmarks_in_the_box(examples):
+    photos = sorted(examples.glob("*.jpg"))
+    assert len(photos) == 17
+    for p in photos:
+        img = load_image(p)
+        faces = detect.detect_faces(img)
+        assert len(faces) >= 1, p.name
+        f = faces[0]
+        assert f.landmarks.shape == (68, 2) and f.landmarks.dtype == np.float32
+        x0, y0, x1, y1 = f.box
+        assert 0 <= x0 < x1 <= img.shape[1] and 0 <= y0 < y1 <= img.shape[0], p.name
+        size = x1 - x0
+        assert 0.15 * img.shape[1] < size, p.name
+        # dlib boxes crop brow and chin a little: allow a margin of a quarter box
+        lm = f.landmarks
+        m = 0.25 * size
+        assert (lm[:, 0] > x0 - m).all() and (lm[:, 0] < x1 + m).all(), p.name
+        assert (lm[:, 1] > y0 - m).all() and (lm[:, 1] < y1 + m).all(), p.name
+        cx, cy = lm.mean(0)
+        assert x0 < cx < x1 and y0 < cy < y1, p.name
+        # anatomy: eyes above nose tip above mouth above chin, left eye on the photo's left
+        assert lm[36:48, 1].mean() < lm[30, 1] < lm[48:68, 1].mean() < lm[8, 1], p.name
+        assert lm[36:42, 0].mean() < lm[42:48, 0].mean(), p.name
+
+
+def test_hog_misses_the_profile_but_the_cnn_fallback_finds_it(multipose):
+    img = load_image(multipose / "02463d453_85_14.jpg")
+    assert detect.detect_faces(img, use_cnn=False) == []
+    faces = detect.detect_faces(img)
+    assert len(faces) == 1 and faces[0].detector == "cnn"
+    x0, y0, x1, y1 = faces[0].box
+    assert x1 - x0 > 80
+    lm = faces[0].landmarks
+    assert (lm[:, 0] > x0 - 40).all() and (lm[:, 0] < x1 + 40).all()
+    # a frontal photo is found by HOG (the CNN is only the fallback)
+    assert detect.detect_faces(load_image(multipose / "02463d453_-1_-2.jpg"))[0].detector == "hog"
+
+
+def test_no_face_in_a_real_photo_without_a_face(photos_dir):
+    img = load_image(photos_dir / "london_faces" / "001_03_neutral.jpg")[620:, :]  # neck and shirt only
+    assert detect.detect_faces(img) == []
+    with pytest.raises(NoFaceError, match="no face found"):
+        detect.select_face([], None, "shirt.jpg")
+
+
+def two_faces(photos_dir):
+    """Two real London-set portraits side by side, the left one larger."""
+    a = load_image(photos_dir / "london_faces" / "001_03_neutral.jpg")
+    b = cv2.resize(load_image(photos_dir / "london_faces" / "002_03_neutral.jpg"), (500, 500),
+                   interpolation=cv2.INTER_AREA)
+    b = np.pad(b, ((150, 150), (0, 0), (0, 0)), mode="edge")
+    return np.ascontiguousarray(np.concatenate([a, b], axis=1))
+
+
+def test_several_faces_sorted_largest_first_and_selectable(photos_dir):
+    img = two_faces(photos_dir)
+    faces = detect.detect_faces(img)
+    assert len(faces) == 2
+    assert faces[0].area > faces[1].area
+    assert faces[0].landmarks[:, 0].max() < 800 < faces[1].landmarks[:, 0].min()
+    assert detect.select_face(faces, None) is faces[0]
+    assert detect.select_face(faces, 1) is faces[1]
+    for bad in (2, -1):
+        with pytest.raises(FG3DError, match=r"face index .* 2 face\(s\) found"):
+            detect.select_face(faces, bad, "two.jpg")
+
+
+# ---- stage 3: the 3DMM fit ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", NME_PHOTOS)
+def test_fitted_landmarks_agree_with_dlib(reconstructed, examples, name):
+    r = reconstructed(examples / name, texture_size=256)
+    err = nme(r.landmarks_2d, r.detected_landmarks)
+    assert err < 0.06, f"{name}: NME {err:.4f}"
+
+
+def seed_fit(fm):
+    """The seed's own fit of fg3d_examples/test.jpg (test_3D.mat) as image-space landmarks and pose."""
+    m = sio.loadmat(asset_path("beyond3dmm/test_3D.mat"))
+    R, t = m["R"].astype(np.float64), m["t3d"].ravel().astype(np.float64)
+    verts_um = fm.mean_um + fm.basis_um @ m["alpha_shape"].ravel().astype(np.float32)
+    img = verts_um[fm.keypoints] @ R.T + t
+    lm = np.column_stack([img[:, 0], 256.0 - img[:, 1]])  # image height 256, y = 256 − y
+    A = np.diag([1.0, -1.0, 1.0]) @ R * 1000.0  # µm → mm, y down
+    b = np.array([t[0], 256.0 - t[1], t[2]])
+    return lm, morphable.Fit(params=None, roi_box=None, vertices=None, A=A, b=b)
+
+
+def test_fit_agrees_with_the_seed_fit_of_the_same_photo(frontal):
+    fm = morphable.face_model()
+    seed_lm, seed = seed_fit(fm)
+    assert frontal.image.shape[0] == 256
+    # the seed's landmarks are themselves near dlib's (the file matches this photo)
+    assert nme(seed_lm, frontal.detected_landmarks) < 0.06
+    assert nme(frontal.landmarks_2d, seed_lm) < 0.04
+    ours, theirs = frontal.pose, seed.pose_degrees
+    for k in ("yaw", "pitch", "roll"):
+        assert abs(ours[k] - theirs[k]) < 5.0, (k, ours, theirs)
+    assert abs(frontal.camera["scale"] / seed.scale - 1) < 0.1
+
+
+def test_yaw_sign_follows_the_documented_convention(reconstructed, multipose, turned, tmp_path):
+    """yaw + = face turned toward the photo's right side; a mirrored photo flips the sign."""
+    lm = turned.detected_landmarks
+    jaw_mid = (lm[0, 0] + lm[16, 0]) / 2
+    assert lm[30, 0] < jaw_mid  # the nose points to the photo's left …
+    assert turned.pose["yaw"] < -40  # … so the yaw is strongly negative
+    flipped = tmp_path / "flipped.png"
+    cv2.imwrite(str(flipped), turned.image[:, ::-1])
+    mirrored = reconstructed(flipped, texture_size=256)
+    assert mirrored.pose["yaw"] > 40
+    assert abs(mirrored.pose["yaw"] + turned.pose["yaw"]) < 8
+    assert abs(mirrored.pose["pitch"] - turned.pose["pitch"]) < 5
+    # the frgc_multipose yaws (file name ID_YAW_PITCH) order the fitted |yaw| the same way
+    yaws = []
+    for name in ("02463d453_-1_-2.jpg", "02463d453_15_-2.jpg", "02463d453_28_-3.jpg", "02463d453_44_11.jpg",
+                 TURNED):
+        yaws.append(reconstructed(multipose / name, texture_size=256).pose["yaw"])
+    assert abs(yaws[0]) < 6
+    assert all(a > b for a, b in zip(yaws, yaws[1:])), yaws
+
+
+def test_pitch_sign_and_roll(reconstructed, multipose, tmp_path):
+    down = reconstructed(multipose / "02463d453_-1_-28.jpg", texture_size=256).pose  # head tilted down
+    up = reconstructed(multipose / "02463d453_-3_13.jpg", texture_size=256).pose     # chin up
+    level = reconstructed(multipose / "02463d453_-1_-2.jpg", texture_size=256)
+    assert down["pitch"] > 10 and up["pitch"] < -4 and abs(level.pose["pitch"]) < 6
+    # in-plane rotation of the photo shows up as roll of the same size, opposite signs both ways
+    rolls = []
+    for angle in (15, -15):
+        h, w = level.image.shape[:2]
+        M = cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1.0)
+        p = tmp_path / f"roll{angle}.png"
+        cv2.imwrite(str(p), cv2.warpAffine(level.image, M, (w, h), borderMode=cv2.BORDER_REPLICATE))
+        rolls.append(reconstructed(p, texture_size=256).pose["roll"] - level.pose["roll"])
+    assert 10 < abs(rolls[0]) < 20 and 10 < abs(rolls[1]) < 20
+    assert np.sign(rolls[0]) == -np.sign(rolls[1])
+
+
+# ---- stage 4: renders -----------------------------------------------------------------------------
+
+def test_depth_is_nearer_at_the_nose_than_at_the_cheeks(frontal):
+    r = frontal
+    lm = r.landmarks_2d
+    def d(p):
+        x, y = np.rint(p).astype(int)
+        return r.depth[y, x]
+    nose = d(lm[30])
+    cheeks = [d((lm[2] + lm[31]) / 2), d((lm[14] + lm[35]) / 2)]
+    assert np.isfinite(nose) and np.all(np.isfinite(cheeks))
+    assert nose - max(cheeks) > 15 * r.camera["scale"]  # ≥ 15 mm in pixels
+    assert np.isnan(r.depth[~r.mask]).all() and np.isfinite(r.depth[r.mask]).all()
+    assert r.depth.dtype == np.float32 and r.depth.shape == r.image.shape[:2]
+
+
+def test_pncc_colours_are_the_mean_shape_code(frontal):
+    r = frontal
+    assert r.pncc.dtype == np.uint8 and r.pncc.shape == r.image.shape
+    assert (r.pncc[~r.mask] == 0).all()
+    on = r.pncc[r.mask].reshape(-1, 3)
+    assert on.min() >= 0 and on.max() <= 255 and on.max(0).min() > 150  # the code spans each channel
+    fm = morphable.face_model()
+    code = render.pncc_colors(fm.mean_mm)
+    assert code.min() == 0.0 and code.max() == 1.0
+    x, y = np.rint(r.landmarks_2d[30]).astype(int)
+    expected_bgr = code[fm.keypoints[30]][::-1] * 255
+    assert np.abs(r.pncc[y, x].astype(float) - expected_bgr).max() < 20
+
+
+def test_mask_area_is_plausible(frontal, turned):
+    for r in (frontal, turned):
+        box = r.face_box
+        box_area = (box[2] - box[0]) * (box[3] - box[1])
+        ratio = r.mask.sum() / box_area
+        assert 0.8 < ratio < 3.5, ratio
+        ys, xs = np.nonzero(r.mask)
+        assert box[0] - 40 < np.median(xs) < box[2] + 40 and box[1] - 40 < np.median(ys) < box[3] + 40
+
+
+def test_visibility_hides_the_far_side_of_a_turned_face(reconstructed, multipose, turned):
+    level = reconstructed(multipose / "02463d453_-1_-2.jpg", texture_size=256)  # yaw ≈ 0
+    fm = morphable.face_model()
+    x = fm.mean_mm[:, 0] - fm.mean_mm[:, 0].mean()
+    def side_visible(r):
+        return r.vertex_visible[x < -30].mean(), r.vertex_visible[x > 30].mean()
+    fl, fr = side_visible(level)
+    print("visible fraction left/right: level", fl, fr, "turned", *side_visible(turned))
+    assert abs(fl - fr) < 0.15 and min(fl, fr) > 0.4
+    # the face turned toward the photo's left shows its left side (model +x) and hides the other
+    tl, tr = side_visible(turned)
+    assert tr > 0.6 and tl < 0.3
+    assert turned.vertex_visible[fm.keypoints[30]]
+
+
+# ---- stage 5: texture -----------------------------------------------------------------------------
+
+def recompute_texture(r, size):
+    """The texture stage run on the Result's own data, in the window the pipeline renders."""
+    fm = morphable.face_model()
+    x0, y0, x1, y1 = render.bounding_window(r.image_vertices, *r.image.shape[:2])
+    iv = r.image_vertices - np.array([x0, y0, 0], dtype=np.float32)
+    ras = render.rasterize(iv, fm.triangles, y1 - y0, x1 - x0)
+    facing = (r.normals @ r.camera["rotation"].T)[:, 2]
+    tol = max(1.0, OCCLUSION_TOLERANCE_MM * r.camera["scale"])
+    return texture.make_texture(r.image[y0:y1, x0:x1], iv, facing, fm.uvs, fm.triangles, ras.depth, size, tol)
+
+
+def test_visible_texels_carry_the_photo_colour(frontal):
+    r = frontal
+    size = r.texture.shape[0]
+    tex, vis = recompute_texture(r, size)
+    np.testing.assert_array_equal(tex, r.texture)  # the pipeline's texture is this stage's output
+    fm = morphable.face_model()
+    uvpix = render.uv_pixel_coords(fm.uvs, size)[:, :2]
+    vi = np.rint(uvpix).astype(int).clip(0, size - 1)
+    sel = r.vertex_visible & vis[vi[:, 1], vi[:, 0]]
+    assert sel.sum() > 10000
+    from_tex = render.sample(r.texture.astype(np.float32), uvpix[sel])
+    from_photo = render.sample(r.image.astype(np.float32), r.image_vertices[sel, :2])
+    diff = np.abs(from_tex - from_photo)
+    assert np.median(diff) < 6 and np.percentile(diff, 90) < 25
+    # and a photo that is not this one would not match (the comparison can fail)
+    other = render.sample(r.image[::-1].astype(np.float32), r.image_vertices[sel, :2])
+    assert np.median(np.abs(from_tex - other)) > 2 * np.median(diff)
+
+
+def test_hidden_side_is_filled_from_its_mirror(turned):
+    r = turned
+    size = r.texture.shape[0]
+    tex, vis = recompute_texture(r, size)
+    np.testing.assert_array_equal(tex, r.texture)
+    mirrored = ~vis & vis[:, ::-1]
+    assert mirrored.mean() > 0.1  # a turned face has a large hidden side with a visible twin
+    np.testing.assert_array_equal(tex[mirrored], tex[:, ::-1][mirrored])
+    # the BFM UV layout really is left-right symmetric (u ↔ 1 − u for mirrored vertices)
+    from scipy.spatial import cKDTree
+    fm = morphable.face_model()
+    m = fm.mean_mm.astype(np.float64)
+    mir = m.copy()
+    mir[:, 0] = 2 * m[:, 0].mean() - mir[:, 0]
+    _, j = cKDTree(m).query(mir)
+    err = np.abs(np.column_stack([1 - fm.uvs[j, 0], fm.uvs[j, 1]]) - fm.uvs)
+    assert np.percentile(err, 99) < 0.01
+    # nothing is left black: texels neither visible nor mirrored are filled smoothly
+    rest = ~vis & ~mirrored
+    assert rest.any()
+    assert (tex[rest].max(1) > 10).mean() > 0.99
+
+
+def test_push_pull_fill_keeps_known_pixels_and_fills_the_rest():
+    rng = np.random.default_rng(0)
+    img = np.zeros((64, 64, 3), np.float32)
+    img[:, :, 0] = np.linspace(0, 255, 64)[None, :]
+    img[:, :, 1] = 100
+    for frac, tol in ((0.2, 4.0), (0.05, 8.0)):  # no-information baseline (global mean): ~65
+        known = rng.uniform(size=(64, 64)) < frac
+        out = texture.push_pull_fill(img, known)
+        np.testing.assert_array_equal(out[known], img[known])
+        assert np.abs(out[~known, 1] - 100).max() < 1e-3  # a constant stays constant
+        assert np.abs(out[~known, 0] - img[~known, 0]).mean() < tol  # a ramp is continued locally
+
+
+# ---- the Result object ----------------------------------------------------------------------------
+
+def test_result_fields_and_shapes(frontal):
+    r = frontal
+    n = 53215
+    assert r.vertices.shape == (n, 3) and r.vertices.dtype == np.float32
+    assert r.vertices_coarse.shape == (n, 3)
+    assert r.triangles.shape == (105954, 3) and r.triangles.dtype == np.int32
+    assert r.triangles.min() == 0 and r.triangles.max() == n - 1
+    assert r.uvs.shape == (n, 2) and r.uvs.min() >= 0 and r.uvs.max() <= 1
+    assert r.texture.shape == (512, 512, 3) and r.texture.dtype == np.uint8
+    assert r.landmarks_2d.shape == (68, 2) and r.landmarks_3d.shape == (68, 3)
+    assert r.detected_landmarks.shape == (68, 2) and r.face_box.shape == (4,)
+    assert r.params.shape == (62,)
+    assert r.image_vertices.shape == (n, 3) and r.normals.shape == (n, 3)
+    np.testing.assert_allclose(np.linalg.norm(r.normals, axis=1), 1, atol=1e-4)
+    assert r.vertex_visible.shape == (n,) and r.vertex_visible.dtype == bool
+    assert r.mask.shape == r.image.shape[:2]
+    assert set(r.pose) == {"yaw", "pitch", "roll"}
+    assert set(r.camera) >= {"A", "b", "rotation", "scale"}
+    np.testing.assert_allclose(r.camera["rotation"] @ r.camera["rotation"].T, np.eye(3), atol=1e-6)
+    # millimetres: jaw-to-jaw width and whole-mesh extent of an adult head
+    width = np.linalg.norm(r.landmarks_3d[0] - r.landmarks_3d[16])
+    assert 120 < width < 170, width
+    assert 150 < np.ptp(r.vertices[:, 0]) < 210
+    # the camera maps the mesh onto the photo: landmarks_2d are the projected 3D landmarks
+    proj = r.landmarks_3d @ r.camera["A"].T + r.camera["b"]
+    np.testing.assert_allclose(proj[:, :2], r.landmarks_2d, atol=1e-2)
+    assert r.refined is False or not np.array_equal(r.vertices, r.vertices_coarse)
+    assert set(r.timings) >= {"load", "detect", "3dmm", "render", "texture", "total"}
+
+
+def test_progress_reports_every_stage_in_order(example_photo):
+    from fg3d_blender.core.pipeline import reconstruct
+    seen = []
+    reconstruct(example_photo, texture_size=256, progress=lambda s, f: seen.append((s, f)))
+    stages = [s for s, _ in seen]
+    assert stages[0] == "load" and stages[-1] == "done"
+    assert {"detect", "3dmm", "render", "texture"} <= set(stages)
+    fr = [f for _, f in seen]
+    assert fr == sorted(fr) and fr[-1] == 1.0
+
+
+def test_reconstruct_accepts_an_array_and_face_index(photos_dir, reconstructed):
+    from fg3d_blender.core.pipeline import reconstruct
+    img = two_faces(photos_dir)
+    big = reconstruct(img, texture_size=256)
+    small = reconstruct(img, face_index=1, texture_size=256)
+    assert big.landmarks_2d[:, 0].max() < 800 < small.landmarks_2d[:, 0].min()
+    assert big.camera["scale"] > small.camera["scale"]
+    with pytest.raises(FG3DError, match="face index 2"):
+        reconstruct(img, face_index=2, texture_size=256)
+
+
+@pytest.mark.parametrize("crop", ["none", "cut_left"])
+def test_renders_equal_a_full_photo_rasterization(reconstructed, photos_dir, tmp_path_factory, crop):
+    """The pipeline renders only the window the mesh covers; that must equal rendering the whole photo,
+    also when the face runs off the photo's edge."""
+    src = photos_dir / "london_faces" / "001_03_neutral.jpg"
+    if crop == "cut_left":
+        p = tmp_path_factory.mktemp("cut") / "cut_left.png"
+        cv2.imwrite(str(p), cv2.imread(str(src))[:, 290:])
+        src = p
+    r = reconstructed(src, texture_size=256)
+    h, w = r.image.shape[:2]
+    iv = r.image_vertices
+    if crop == "cut_left":
+        assert iv[:, 0].min() < 0  # the mesh really leaves the photo
+    assert (iv[:, 0].max() - iv[:, 0].min()) * (iv[:, 1].max() - iv[:, 1].min()) < 0.7 * h * w
+    fm = morphable.face_model()
+    ras = render.rasterize(iv, fm.triangles, h, w)
+    np.testing.assert_array_equal(r.mask, ras.mask)
+    np.testing.assert_array_equal(r.depth[r.mask], ras.depth[ras.mask])
+    pncc = render.interpolate(ras, fm.triangles, render.pncc_colors(fm.mean_mm))
+    np.testing.assert_array_equal(r.pncc, (np.clip(pncc[:, :, ::-1], 0, 1) * 255 + 0.5).astype(np.uint8))
+    tol = max(1.0, OCCLUSION_TOLERANCE_MM * r.camera["scale"])
+    np.testing.assert_array_equal(r.vertex_visible, render.visible_vertices(ras, iv, tol))
+    facing = (r.normals @ r.camera["rotation"].T)[:, 2]
+    tex, _ = texture.make_texture(r.image, iv, facing, fm.uvs, fm.triangles, ras.depth, 256, tol)
+    diff = np.abs(tex.astype(int) - r.texture)
+    assert diff.max() <= 3 and (diff > 0).mean() < 1e-3  # float rounding of the window offset only
