@@ -11,7 +11,7 @@ import os
 import struct
 import tempfile
 from pathlib import Path
-from typing import Dict, Iterable, List
+from typing import Callable, Dict, Iterable, List, Optional
 
 import cv2
 import numpy as np
@@ -182,12 +182,16 @@ def preview_image(result) -> np.ndarray:
 
 
 def write_outputs(result, out_dir, stem: str, formats: Iterable[str] = ("obj", "glb"),
-                  extras: Iterable[str] = EXTRAS) -> List[Path]:
-    """Write the chosen formats and extras atomically; returns the final paths."""
-    formats, extras = list(formats), list(extras)
-    bad = [f for f in formats if f not in FORMATS] + [e for e in extras if e not in EXTRAS]
+                  extras: Iterable[str] = EXTRAS, writers: Optional[Dict[str, Callable]] = None) -> List[Path]:
+    """Write the chosen formats and extras atomically; returns the final paths.
+
+    ``writers`` adds formats implemented outside core (``{"blend": write_blend}``): each is called as
+    ``writer(temporary_path, result)`` and its file is committed with the others.
+    """
+    formats, extras, writers = list(formats), list(extras), dict(writers or {})
+    bad = [f for f in formats if f not in FORMATS and f not in writers] + [e for e in extras if e not in EXTRAS]
     if bad:
-        raise FG3DError(f"unknown output format {bad[0]!r} (choose from {', '.join(FORMATS)})")
+        raise FG3DError(f"unknown output format {bad[0]!r} (choose from {', '.join(FORMATS + ('blend',))})")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     w = AtomicWriter(out_dir)
@@ -202,6 +206,9 @@ def write_outputs(result, out_dir, stem: str, formats: Iterable[str] = ("obj", "
             write_ply(w.path(f"{stem}.ply"), result)
         if "npz" in formats:
             write_npz(w.path(f"{stem}.npz"), result)
+        for fmt, writer in writers.items():
+            if fmt in formats:
+                writer(w.path(f"{stem}.{fmt}"), result)
         if "depth" in extras:
             _write_png(w.path(f"{stem}_depth.png"), depth_image(result))
         if "pncc" in extras:
