@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, Optional, Tuple, cast
 
 import bpy
 import numpy as np
@@ -63,9 +63,9 @@ def _packed_image(name: str, img_bgr: np.ndarray, created: list, non_color: bool
     im.pack(data=data, data_len=len(data))
     im.source = 'FILE'
     im.filepath_raw = f"//{im.name}.png"
-    if non_color:
+    if non_color and im.colorspace_settings is not None:
         try:
-            im.colorspace_settings.name = 'Non-Color'
+            setattr(im.colorspace_settings, "name", "Non-Color")  # the stubs type this enum too narrowly
         except TypeError:  # a colour-management config without that name
             pass
     return im
@@ -99,7 +99,10 @@ def _material(name: str, texture_img, created: list):
     created.append(mat)
     if mat.node_tree is None:  # Blender < 5.0: node trees are opt-in (5.0 always has one)
         mat.use_nodes = True
-    nodes, links = mat.node_tree.nodes, mat.node_tree.links
+    tree = mat.node_tree
+    if tree is None:
+        raise RuntimeError("Blender did not give the new material a node tree")
+    nodes, links = tree.nodes, tree.links
     bsdf = next((n for n in nodes if n.type == 'BSDF_PRINCIPLED'), None)
     out = next((n for n in nodes if n.type == 'OUTPUT_MATERIAL'), None)
     if bsdf is None:
@@ -109,13 +112,13 @@ def _material(name: str, texture_img, created: list):
         out.location = (300, 300)
     if not bsdf.outputs[0].is_linked:
         links.new(bsdf.outputs[0], out.inputs["Surface"])
-    tex = nodes.new("ShaderNodeTexImage")
+    tex = cast(Any, nodes.new("ShaderNodeTexImage"))
     tex.name = tex.label = "Face texture"
     tex.image = texture_img
     tex.location = (bsdf.location.x - 400, bsdf.location.y)
     links.new(tex.outputs["Color"], bsdf.inputs["Base Color"])
     if "Roughness" in bsdf.inputs:
-        bsdf.inputs["Roughness"].default_value = 0.6
+        cast(Any, bsdf.inputs["Roughness"]).default_value = 0.6
     return mat
 
 
@@ -139,7 +142,7 @@ def _camera_pose(result, centre_mm: np.ndarray) -> Tuple[np.ndarray, np.ndarray,
     return loc, rot, max(w, h) / s * MM
 
 
-def _camera(name: str, result, centre_mm: np.ndarray, location: Vector, photo_img, scene, collection,
+def _camera(name: str, result, centre_mm: np.ndarray, location: Any, photo_img, scene, collection,
             created: list):
     loc, rot, ortho = _camera_pose(result, centre_mm)
     cam = bpy.data.cameras.new(name)
@@ -157,7 +160,7 @@ def _camera(name: str, result, centre_mm: np.ndarray, location: Vector, photo_im
     ob = bpy.data.objects.new(name, cam)
     created.append(ob)
     m = Matrix([list(r) for r in rot]).to_4x4()
-    m.translation = Vector(location) + Vector(loc.tolist())
+    m.translation = Vector((location[0], location[1], location[2])) + Vector(loc.tolist())
     ob.matrix_world = m
     collection.objects.link(ob)
     return ob
@@ -216,7 +219,8 @@ def add_result(result, scene, collection, view_layer=None, options: Optional[Bui
         key = ob.shape_key_add(name=KEY_FGNET, from_mix=False)
         key.data.foreach_set("co", v_refined.ravel())
         key.slider_min, key.slider_max, key.value = 0.0, 1.0, 1.0
-        me.shape_keys.use_relative = True
+        if me.shape_keys is not None:
+            me.shape_keys.use_relative = True
 
         ob[PROP_SOURCE] = str(result.source)
         ob[PROP_YAW] = float(result.pose["yaw"])

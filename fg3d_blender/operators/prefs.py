@@ -45,6 +45,8 @@ class FG3D_AddonPreferences(bpy.types.AddonPreferences):
 
 def get_prefs(context=None) -> Optional[FG3D_AddonPreferences]:
     ctx = context or bpy.context
+    if ctx.preferences is None:
+        return None
     addon = ctx.preferences.addons.get(ADDON_ID)
     return addon.preferences if addon is not None else None  # type: ignore[return-value]
 

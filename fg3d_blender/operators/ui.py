@@ -82,7 +82,8 @@ CLASSES = (FG3D_SceneSettings, FG3D_PT_reconstruct)
 
 def register_props() -> None:
     global _previews
-    bpy.types.Scene.fg3d = PointerProperty(type=FG3D_SceneSettings)  # type: ignore[attr-defined]
+    bpy.types.Scene.fg3d = PointerProperty(  # type: ignore[attr-defined,func-returns-value]
+        type=FG3D_SceneSettings)
     if not bpy.app.background:
         from bpy.utils import previews
         _previews = previews.new()
