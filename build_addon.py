@@ -109,9 +109,8 @@ def third_party_names() -> set:
     return {a["path"] for a in data["assets"]}
 
 
-def collect_wheels(cache: Path, pip_args: List[str]) -> List[Path]:
-    """The wheels of WHEEL_PACKAGES at the versions installed here; downloaded once into ``cache``."""
-    cache.mkdir(parents=True, exist_ok=True)
+def wanted_wheels() -> Dict[str, str]:
+    """{normalised name: installed version} of WHEEL_PACKAGES."""
     wanted: Dict[str, str] = {}
     for name in WHEEL_PACKAGES:
         try:
@@ -119,23 +118,33 @@ def collect_wheels(cache: Path, pip_args: List[str]) -> List[Path]:
         except metadata.PackageNotFoundError:
             raise SystemExit(f"build_addon: {name} is not installed here; install requirements.txt first "
                              "(the wheels are taken at the installed versions)") from None
+    return wanted
 
-    def have() -> Dict[str, Path]:
-        found = {}
-        for whl in cache.glob("*.whl"):
-            dist, ver = whl.name.split("-")[:2]
-            if wanted.get(_norm(dist)) == ver.replace("_", "+"):
-                found[_norm(dist)] = whl
-        return found
 
-    missing = [f"{n}=={wanted[_norm(n)]}" for n in WHEEL_PACKAGES if _norm(n) not in have()]
+def cached_wheels(cache: Path) -> Dict[str, Path]:
+    """The wheels in ``cache`` that match the installed versions, by normalised name."""
+    wanted = wanted_wheels()
+    found = {}
+    for whl in Path(cache).glob("*.whl"):
+        dist, ver = whl.name.split("-")[:2]
+        if wanted.get(_norm(dist)) == ver.replace("_", "+"):
+            found[_norm(dist)] = whl
+    return found
+
+
+def collect_wheels(cache: Path, pip_args: List[str]) -> List[Path]:
+    """The wheels of WHEEL_PACKAGES at the versions installed here; downloaded once into ``cache``."""
+    cache.mkdir(parents=True, exist_ok=True)
+    wanted = wanted_wheels()
+    have = cached_wheels(cache)
+    missing = [f"{n}=={wanted[_norm(n)]}" for n in WHEEL_PACKAGES if _norm(n) not in have]
     if missing:
         cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(cache), *pip_args, *missing]
         print("build_addon: fetching wheels:", " ".join(missing), file=sys.stderr)
         if subprocess.run(cmd).returncode != 0:
             raise SystemExit("build_addon: could not fetch the wheels (see pip's message above); "
                              "use --no-wheels, or --pip-args for another index")
-    found = have()
+    found = cached_wheels(cache)
     still = [n for n in WHEEL_PACKAGES if _norm(n) not in found]
     if still:
         raise SystemExit(f"build_addon: no wheel for {', '.join(still)} in {cache}")

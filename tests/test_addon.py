@@ -470,3 +470,54 @@ def test_real_blender_binary_headless(fg3d_addon_zip, tmp_path):
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert blend.is_file() and blend.stat().st_size > 1_000_000
+
+
+_ISOLATED_SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    zip_path, photo = sys.argv[-2:]
+    out = {"torch_on_path": any(os.path.isdir(os.path.join(p, "torch")) for p in sys.path if p)}
+    import bpy
+    out["install"] = sorted(bpy.ops.extensions.package_install_files(
+        filepath=zip_path, repo="user_default", enable_on_install=True))
+    import torch, cv2, dlib, scipy
+    out["deps"] = [m.__file__ for m in (torch, cv2, dlib, scipy)]
+    out["run"] = sorted(bpy.ops.fg3d.reconstruct(filepath=photo, refine=False, texture_size='256'))
+    out["verts"] = len(bpy.context.view_layer.objects.active.data.vertices)
+    print("FG3D-JSON " + json.dumps(out), flush=True)
+""")
+
+
+def test_full_zip_wheels_make_the_extension_self_sufficient(tmp_path):
+    """The zip with wheels, installed into a Python that has only what Blender ships (bpy, numpy,
+    requests…): Blender installs the wheels and the operator runs on torch/dlib/opencv from them."""
+    pytest.importorskip("bpy")
+    sys.path.insert(0, str(ROOT))
+    try:
+        import build_addon
+    finally:
+        sys.path.remove(str(ROOT))
+    cache = ROOT / "build" / "wheels"
+    if len(build_addon.cached_wheels(cache)) < len(build_addon.WHEEL_PACKAGES):
+        pytest.skip("the dependency wheels are not in build/wheels yet: run `python build_addon.py` once")
+    zip_path = build_addon.build(tmp_path / "dist", with_wheels=True, wheel_cache=cache)
+    try:
+        site = Path(sysconfig.get_paths()["purelib"])
+        only_blender = tmp_path / "blender-python"  # what Blender's own Python has, nothing more
+        only_blender.mkdir()
+        for name in ("bpy", "numpy", "numpy.libs", "requests", "zstandard", "certifi", "charset_normalizer",
+                     "idna", "urllib3", "Cython", "cython.py"):
+            if (site / name).exists():
+                (only_blender / name).symlink_to(site / name)
+        script = tmp_path / "isolated.py"
+        script.write_text(_ISOLATED_SCRIPT)
+        code = (f"import sys; sys.path.insert(0, {str(only_blender)!r}); sys.argv = ['x', {str(zip_path)!r}, "
+                f"{str(PHOTO)!r}]; exec(open({str(script)!r}).read())")
+        r = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, env=_blender_env(tmp_path / "user"),
+                           capture_output=True, text=True, timeout=600)
+        out = _json_line(r.stdout + r.stderr)
+        assert not out["torch_on_path"] and out["install"] == ["FINISHED"]
+        ext_site = (tmp_path / "user" / "extensions" / ".local").resolve()
+        assert all(Path(f).resolve().is_relative_to(ext_site) for f in out["deps"]), out["deps"]
+        assert out["run"] == ["FINISHED"] and out["verts"] == N_VERTS
+    finally:
+        zip_path.unlink()
