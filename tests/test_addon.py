@@ -436,40 +436,145 @@ def test_legacy_addon_install_bpy(fg3d_addon_zip, tmp_path):
     assert out["packed"] and out["depth"]
 
 
-@pytest.mark.skipif(shutil.which("blender") is None, reason="no blender binary on PATH (apt-get install blender)")
-def test_real_blender_binary_headless(fg3d_addon_zip, tmp_path):
-    """The real ``blender`` (Debian: 3.4.1): legacy install, then the documented headless one-liner."""
+@pytest.fixture(scope="module")
+def fg3d_real_blender(fg3d_addon_zip, tmp_path_factory):
+    """The real ``blender`` binary (Debian: 3.4.1) with the zip installed the legacy way; the saved
+    preferences keep the add-on enabled for later launches.  Returns (blender, env, folder, report)."""
     blender = shutil.which("blender")
-    user = tmp_path / "user"
-    env = _blender_env(user)
+    if blender is None:
+        pytest.skip("no blender binary on PATH (Debian: apt-get install blender)")
+    tmp = tmp_path_factory.mktemp("real-blender")
+    env = _blender_env(tmp / "user")
     env["FG3D_TEST_SITE"] = sysconfig.get_paths()["purelib"]  # this venv's torch/dlib/opencv
-    ver = subprocess.run([blender, "--version"], capture_output=True, text=True, env=env).stdout
-    script = tmp_path / "legacy.py"
-    script.write_text(_LEGACY_SCRIPT)
     probe = subprocess.run([blender, "--background", "--factory-startup", "--python-expr",
                             "import sys; print('PYVER', sys.version_info[:2]); import os; os._exit(0)"],
                            capture_output=True, text=True, env=env, timeout=120)
     if "PYVER (3, 11)" not in probe.stdout:
-        pytest.skip(f"{ver.splitlines()[0] if ver else 'blender'} does not run Python 3.11 like this venv")
+        pytest.skip("this blender does not run Python 3.11 like this venv, so it cannot load its packages")
+    script = tmp / "legacy.py"
+    script.write_text(_LEGACY_SCRIPT)
     r = subprocess.run([blender, "--background", "--factory-startup", "--python-exit-code", "1",
-                        "--python", str(script), "--", str(fg3d_addon_zip), str(PHOTO),
-                        str(_gradient_png(tmp_path))], cwd=tmp_path, env=env, capture_output=True,
-                       text=True, timeout=600)
+                        "--python", str(script), "--", str(fg3d_addon_zip), str(PHOTO), str(_gradient_png(tmp))],
+                       cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
     out = _json_line(r.stdout + r.stderr)
     assert r.returncode == 0, r.stderr[-2000:]
+    return blender, env, tmp, out
+
+
+def test_real_blender_legacy_install(fg3d_real_blender):
+    out = fg3d_real_blender[3]
     assert out["install"] == ["FINISHED"] and out["enabled"] and out["verts"] == N_VERTS
     assert Path(out["file"]).resolve().is_relative_to(Path(out["addons_dir"]).resolve())
     assert "no face found" in out["noface"] and out["unchanged"]
     assert out["keys"] == ["Basis", "FGNet"] and out["packed"] and out["depth"]
-    # the headless one-liner, with the add-on enabled from the saved preferences
-    blend = tmp_path / "face.blend"
+
+
+def test_real_blender_headless_one_liner(fg3d_real_blender):
+    """``blender --background --python-expr "import bpy; bpy.ops.fg3d.reconstruct(filepath=…)"``."""
+    blender, env, tmp, _ = fg3d_real_blender
+    blend = tmp / "face.blend"
     expr = (f"import sys; sys.path.insert(0, {env['FG3D_TEST_SITE']!r}); import bpy; "
             f"bpy.ops.fg3d.reconstruct(filepath={str(PHOTO)!r}, refine=False, texture_size='256'); "
             f"bpy.ops.wm.save_as_mainfile(filepath={str(blend)!r}); import os; os._exit(0)")
     r = subprocess.run([blender, "--background", "--python-exit-code", "1", "--python-expr", expr],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+                       cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert blend.is_file() and blend.stat().st_size > 1_000_000
+
+
+_GUI_SCRIPT = textwrap.dedent("""
+    import json, os, sys, threading, time
+    sys.path.insert(0, os.environ["FG3D_TEST_SITE"])
+    import bpy
+    photo = sys.argv[-1]
+    from fg3d_blender.operators import ops
+    S = {"ticks": 0, "ticks_computing": 0, "max_gap_s": 0.0, "labels": []}
+    t = {"phase": "cancel", "last": None}
+
+    def ctx():
+        win = bpy.context.window_manager.windows[0]
+        area = next(a for a in win.screen.areas if a.type == 'VIEW_3D')
+        return dict(window=win, screen=win.screen, area=area,
+                    region=next(r for r in area.regions if r.type == 'WINDOW'))
+
+    def invoke():
+        with bpy.context.temp_override(**ctx()):  # what clicking Reconstruct in the panel does
+            return sorted(bpy.ops.fg3d.reconstruct('INVOKE_DEFAULT', filepath=photo, refine=False,
+                                                   texture_size='256'))
+
+    def workers():
+        return [th for th in threading.enumerate() if th.name == "fg3d-reconstruct"]
+
+    def done(**kw):
+        S.update(kw)
+        print("FG3D-JSON " + json.dumps(S), flush=True)
+        os._exit(0)
+
+    def tick():  # a UI timer: it only runs when Blender's main loop is free
+        now = time.monotonic()
+        computing = bool(workers())
+        if t["last"] is not None and computing:
+            S["max_gap_s"] = round(max(S["max_gap_s"], now - t["last"]), 2)
+        t["last"] = now
+        S["ticks"] += 1
+        S["ticks_computing"] += computing
+        if ops._running:
+            label = ops.running_label("reconstruct")
+            if label not in S["labels"]:
+                S["labels"].append(label)
+        el = now - t["t0"]
+        if t["phase"] == "cancel" and el > 0.5 and "esc" not in S:
+            S["esc"] = True
+            win = bpy.context.window_manager.windows[0]
+            win.event_simulate('ESC', 'PRESS')
+            win.event_simulate('ESC', 'RELEASE')
+        elif t["phase"] == "cancel" and "esc" in S and not workers():
+            S["cancel_busy_after"] = bool(ops._running)
+            S["cancel_objects"] = len(bpy.data.objects)
+            t["phase"], t["t0"] = "run", now
+            S["run_ret"] = invoke()
+        elif t["phase"] == "run" and not ops._running:
+            S["run_objects"] = len(bpy.data.objects)
+            S["active"] = bpy.context.view_layer.objects.active.name
+            with bpy.context.temp_override(**ctx()):
+                bpy.ops.ed.undo()
+            done(undo_objects=len(bpy.data.objects))
+        if el > 300:
+            done(timeout=True)
+        return 0.05
+
+    def start():
+        S["objects"] = len(bpy.data.objects)
+        S["cancel_ret"] = invoke()
+        t["t0"] = time.monotonic()
+        bpy.app.timers.register(tick, first_interval=0.05)
+
+    bpy.app.timers.register(start, first_interval=1.0)
+""")
+
+
+@pytest.mark.skipif(shutil.which("xvfb-run") is None, reason="no xvfb-run for a windowed Blender (apt-get install xvfb)")
+def test_real_blender_modal_ui(fg3d_real_blender):
+    """Blender with a window (on Xvfb): the Reconstruct button's modal run keeps the UI alive, reports
+    progress, Esc cancels and discards the result, a finished run is one undo step."""
+    blender, env, tmp, _ = fg3d_real_blender
+    script = tmp / "gui.py"
+    script.write_text(_GUI_SCRIPT)
+    r = subprocess.run(["xvfb-run", "-a", "-s", "-screen 0 1280x800x24", blender, "--enable-event-simulate",
+                        "--python", str(script), "--", str(PHOTO)], cwd=tmp, env=env, capture_output=True,
+                       text=True, timeout=600)
+    out = _json_line(r.stdout + r.stderr)
+    print(f"\nmodal UI: {out['ticks_computing']} UI timer ticks while the worker computed, "
+          f"longest UI stall {out['max_gap_s']:.2f} s")
+    assert "timeout" not in out
+    assert out["cancel_ret"] == ["RUNNING_MODAL"] and out["esc"]
+    assert out["cancel_objects"] == out["objects"] and not out["cancel_busy_after"]  # result discarded
+    assert out["run_ret"] == ["RUNNING_MODAL"]
+    # Blender's main loop kept running while the worker thread computed (Esc was handled mid-run, and
+    # the UI timer fired while the cancelled computation went on), and the panel's progress label was live
+    assert out["ticks_computing"] >= 3 and out["labels"] and "%" in out["labels"][0]
+    assert out["run_objects"] == out["objects"] + 1 and out["active"].startswith("FG3D_test")
+    assert out["undo_objects"] == out["objects"]
 
 
 _ISOLATED_SCRIPT = textwrap.dedent("""
