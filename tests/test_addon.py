@@ -543,7 +543,25 @@ _GUI_SCRIPT = textwrap.dedent("""
             done(timeout=True)
         return 0.05
 
+    def draw_ui():  # the sidebar panel and the preferences, drawn into a real layout (a popup)
+        from fg3d_blender.operators import prefs, ui
+        bpy.context.scene.fg3d.photo = photo
+        addon_prefs = bpy.context.preferences.addons["fg3d_blender"].preferences
+
+        def draw(menu, context):
+            for name, fn in (("panel", lambda: ui.FG3D_PT_reconstruct.draw(menu, context)),
+                             ("prefs", lambda: prefs.draw_preferences(menu.layout, addon_prefs))):
+                try:
+                    fn()
+                    S[name] = "drawn"
+                except Exception as exc:
+                    S[name] = repr(exc)
+        with bpy.context.temp_override(**ctx()):
+            bpy.context.window_manager.popup_menu(draw, title="FG3D")
+        S["previews"] = [k.rsplit(":", 1)[0] for k in ui._previews.keys()]
+
     def start():
+        draw_ui()
         S["objects"] = len(bpy.data.objects)
         S["cancel_ret"] = invoke()
         t["t0"] = time.monotonic()
@@ -555,8 +573,9 @@ _GUI_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.skipif(shutil.which("xvfb-run") is None, reason="no xvfb-run for a windowed Blender (apt-get install xvfb)")
 def test_real_blender_modal_ui(fg3d_real_blender):
-    """Blender with a window (on Xvfb): the Reconstruct button's modal run keeps the UI alive, reports
-    progress, Esc cancels and discards the result, a finished run is one undo step."""
+    """Blender with a window (on Xvfb): the panel and preferences draw, the Reconstruct button's modal run
+    keeps the UI alive, reports progress, Esc cancels and discards the result, a finished run is one
+    undo step."""
     blender, env, tmp, _ = fg3d_real_blender
     script = tmp / "gui.py"
     script.write_text(_GUI_SCRIPT)
@@ -567,6 +586,8 @@ def test_real_blender_modal_ui(fg3d_real_blender):
     print(f"\nmodal UI: {out['ticks_computing']} UI timer ticks while the worker computed, "
           f"longest UI stall {out['max_gap_s']:.2f} s")
     assert "timeout" not in out
+    assert out["panel"] == "drawn" and out["prefs"] == "drawn"
+    assert out["previews"] == [str(PHOTO)]  # the panel shows a thumbnail of the chosen photo
     assert out["cancel_ret"] == ["RUNNING_MODAL"] and out["esc"]
     assert out["cancel_objects"] == out["objects"] and not out["cancel_busy_after"]  # result discarded
     assert out["run_ret"] == ["RUNNING_MODAL"]

@@ -26,21 +26,24 @@ class FG3D_AddonPreferences(bpy.types.AddonPreferences):
         description="CPU threads for the neural network (0 = automatic)")
 
     def draw(self, context):
-        layout = self.layout
-        col = layout.column()
-        col.prop(self, "cache_dir")
-        col.prop(self, "mirror_dir")
-        col.prop(self, "threads")
-        row = layout.row()
-        row.operator("fg3d.fetch_assets", icon='IMPORT')
-        from .ops import running_label
-        label = running_label("fetch")
-        if label:
-            row.label(text=label)
-        box = layout.box()
-        box.label(text="Licences", icon='INFO')
-        for line in licence_lines():
-            box.label(text=line)
+        draw_preferences(self.layout, self)
+
+
+def draw_preferences(layout, prefs) -> None:
+    col = layout.column()
+    col.prop(prefs, "cache_dir")
+    col.prop(prefs, "mirror_dir")
+    col.prop(prefs, "threads")
+    row = layout.row()
+    row.operator("fg3d.fetch_assets", icon='IMPORT')
+    from .ops import running_label
+    label = running_label("fetch")
+    if label:
+        row.label(text=label)
+    box = layout.box()
+    box.label(text="Licences", icon='INFO')
+    for line in licence_lines():
+        box.label(text=line)
 
 
 def get_prefs(context=None) -> Optional[FG3D_AddonPreferences]:
