@@ -45,7 +45,7 @@ WHEEL_PACKAGES = [
 ]
 MANIFEST_NAME = "blender_manifest.toml"
 CODE_SUFFIXES = {".py", ".pyx"}
-MODEL_SUFFIXES = {".json", ".md", ".txt", ".pt", ".pth", ".npz"}
+MODEL_SUFFIXES = {".json", ".md", ".txt", ".pt", ".pth", ".npz", ".npy", ".safetensors", ".onnx"}  # ours; third-party excluded by name
 
 
 def version() -> str:
