@@ -45,7 +45,8 @@ WHEEL_PACKAGES = [
 ]
 MANIFEST_NAME = "blender_manifest.toml"
 CODE_SUFFIXES = {".py", ".pyx"}
-MODEL_SUFFIXES = {".json", ".md", ".txt", ".pt", ".pth", ".npz", ".npy", ".safetensors", ".onnx"}  # ours; third-party excluded by name
+# models/ files of these kinds are shipped (the project's own); third-party ones are excluded by name
+MODEL_SUFFIXES = {".json", ".md", ".txt", ".pt", ".pth", ".npz", ".npy", ".safetensors", ".onnx"}
 
 
 def version() -> str:
