@@ -538,7 +538,23 @@ _GUI_SCRIPT = textwrap.dedent("""
             S["active"] = bpy.context.view_layer.objects.active.name
             with bpy.context.temp_override(**ctx()):
                 bpy.ops.ed.undo()
-            done(undo_objects=len(bpy.data.objects))
+            S["undo_objects"] = len(bpy.data.objects)
+            t["phase"], t["t0"] = "browse", now
+        elif t["phase"] == "browse" and "browse_ret" not in S and el > 0.5:
+            # Reconstruct without a photo: the file browser opens, then the modal run
+            with bpy.context.temp_override(**ctx()):
+                S["browse_ret"] = sorted(bpy.ops.fg3d.reconstruct('INVOKE_DEFAULT'))
+            t["t0"] = now
+        elif t["phase"] == "browse" and "browse_ret" in S and "browse_exec" not in S and el > 0.5:
+            picked = pick_in_browser()  # the browser window opens on a later turn of the event loop
+            if picked is not None:
+                S["browse_exec"], S["browse_busy"], t["t0"] = picked, False, now
+        elif t["phase"] == "browse" and "browse_exec" in S:
+            S["browse_busy"] |= bool(ops._running)  # the browser runs the operator on a later turn
+            if (S["browse_busy"] and not ops._running and not workers()) or el > 60:
+                S["browse_objects"] = len(bpy.data.objects)
+                draw_ui()  # last: an open popup must not outlive the data it shows (undo frees it)
+                done()
         if el > 300:
             done(timeout=True)
         return 0.05
@@ -560,8 +576,19 @@ _GUI_SCRIPT = textwrap.dedent("""
             bpy.context.window_manager.popup_menu(draw, title="FG3D")
         S["previews"] = [k.rsplit(":", 1)[0] for k in ui._previews.keys()]
 
+    def pick_in_browser():
+        for win in bpy.context.window_manager.windows:
+            for area in win.screen.areas:
+                if area.type == 'FILE_BROWSER':
+                    params = area.spaces.active.params
+                    params.directory = os.path.dirname(photo).encode()
+                    params.filename = os.path.basename(photo)
+                    region = next(r for r in area.regions if r.type == 'WINDOW')
+                    with bpy.context.temp_override(window=win, screen=win.screen, area=area, region=region):
+                        return sorted(bpy.ops.file.execute())
+        return None
+
     def start():
-        draw_ui()
         S["objects"] = len(bpy.data.objects)
         S["cancel_ret"] = invoke()
         t["t0"] = time.monotonic()
@@ -575,7 +602,7 @@ _GUI_SCRIPT = textwrap.dedent("""
 def test_real_blender_modal_ui(fg3d_real_blender):
     """Blender with a window (on Xvfb): the panel and preferences draw, the Reconstruct button's modal run
     keeps the UI alive, reports progress, Esc cancels and discards the result, a finished run is one
-    undo step."""
+    undo step, and without a photo the operator opens the file browser and then runs modally."""
     blender, env, tmp, _ = fg3d_real_blender
     script = tmp / "gui.py"
     script.write_text(_GUI_SCRIPT)
@@ -596,6 +623,8 @@ def test_real_blender_modal_ui(fg3d_real_blender):
     assert out["ticks_computing"] >= 3 and out["labels"] and "%" in out["labels"][0]
     assert out["run_objects"] == out["objects"] + 1 and out["active"].startswith("FG3D_test")
     assert out["undo_objects"] == out["objects"]
+    assert out["browse_ret"] == ["RUNNING_MODAL"] and out["browse_exec"] == ["FINISHED"]
+    assert out["browse_busy"] and out["browse_objects"] == out["objects"] + 1
 
 
 _ISOLATED_SCRIPT = textwrap.dedent("""

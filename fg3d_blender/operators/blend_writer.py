@@ -2,13 +2,12 @@
 
 Needs the ``bpy`` module (``pip install bpy``, Python 3.11) or running inside Blender.  Each file holds a
 fresh empty scene with the face object, its material and packed images, and the matching camera.  The
-file is saved under the temporary name it is given and renamed by the caller (``AtomicWriter``), or under
-a temporary name beside ``path`` and renamed here when called directly.
+command line passes a temporary name from ``export.AtomicWriter``, which renames the file only when all
+outputs of the photo are complete.
 """
 from __future__ import annotations
 
 import os
-import tempfile
 
 from ..core.errors import FG3DError
 
@@ -36,17 +35,3 @@ def write_blend(path: str, result, add_camera: bool = True, add_images: bool = T
     bpy.ops.wm.save_as_mainfile(filepath=str(path), copy=True, compress=True, check_existing=False)
     if not os.path.isfile(path) or os.path.getsize(path) == 0:
         raise FG3DError(f"Blender could not write {path}")
-
-
-def save_blend(path: str, result, **kwargs) -> str:
-    """``write_blend`` to a temporary name in the destination folder, then rename: never half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".part", dir=folder)
-    os.close(fd)
-    try:
-        write_blend(tmp, result, **kwargs)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path

@@ -170,7 +170,8 @@ class FG3D_OT_reconstruct(_ModalJob, bpy.types.Operator):
         if result is None:
             return {'CANCELLED'}
         try:
-            built = add_result(result, context.scene, context.collection, context.view_layer,
+            built = add_result(result, context.scene, context.collection or context.scene.collection,
+                               context.view_layer,
                                BuildOptions(add_images=self.add_images, add_camera=self.add_camera),
                                location=tuple(context.scene.cursor.location))
         except Exception as exc:  # noqa: BLE001 - add_result already removed what it had added
