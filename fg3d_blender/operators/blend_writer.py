@@ -1,0 +1,37 @@
+"""``--format blend`` for the command line: one reconstruction → one .blend (same builder as the add-on).
+
+Needs the ``bpy`` module (``pip install bpy``, Python 3.11) or running inside Blender.  Each file holds a
+fresh empty scene with the face object, its material and packed images, and the matching camera.  The
+command line passes a temporary name from ``export.AtomicWriter``, which renames the file only when all
+outputs of the photo are complete.
+"""
+from __future__ import annotations
+
+import os
+
+from ..core.errors import FG3DError
+
+
+def require_bpy():
+    """The bpy module, or one clear line saying how to get it."""
+    try:
+        import bpy
+    except ImportError:
+        raise FG3DError("--format blend needs Blender's Python module: pip install bpy==5.0.1 "
+                        "(Python 3.11), or run inside Blender") from None
+    return bpy
+
+
+def write_blend(path: str, result, add_camera: bool = True, add_images: bool = True) -> None:
+    """Save ``result`` as a .blend at ``path`` (the current bpy session is reset to an empty file)."""
+    bpy = require_bpy()
+    from .build import BuildOptions, add_result
+    bpy.ops.wm.read_homefile(use_empty=True, use_factory_startup=True)
+    scene = bpy.context.scene
+    add_result(result, scene, scene.collection, bpy.context.view_layer,
+               BuildOptions(add_camera=add_camera, add_images=add_images))
+    if os.path.exists(path):  # the empty placeholder of mkstemp; Blender would keep it as "<name>1"
+        os.unlink(path)
+    bpy.ops.wm.save_as_mainfile(filepath=str(path), copy=True, compress=True, check_existing=False)
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        raise FG3DError(f"Blender could not write {path}")

@@ -1,0 +1,263 @@
+"""Turn a pipeline ``Result`` into Blender data: mesh object, material, shape keys, images, camera.
+
+Main thread only.  Everything is created new (Blender picks free names, existing data is never renamed
+or edited); if anything fails half-way every datablock made so far is removed again, so the file is left
+exactly as it was.
+
+Frames: the pipeline works in millimetres in the canonical BFM frame (x right, y up, z toward the
+viewer).  Blender gets metres with Z up and the face looking toward -Y, so the Front view (numpad 1)
+looks straight at it: ``(X, Y, Z) = (x, -z, y) / 1000``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, List, Optional, Tuple, cast
+
+import bpy
+import numpy as np
+from mathutils import Matrix, Vector
+
+#: BFM (x right, y up, z to the viewer) → Blender (X right, Y away from the viewer, Z up); det = +1.
+BFM_TO_BLENDER = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
+MM = 0.001
+CAMERA_DISTANCE_MM = 600.0
+
+PROP_SOURCE = "fg3d_source_photo"
+PROP_YAW, PROP_PITCH, PROP_ROLL = "fg3d_yaw", "fg3d_pitch", "fg3d_roll"
+PROP_REFINED = "fg3d_refined"
+PROP_DEPTH, PROP_PNCC, PROP_PHOTO = "fg3d_depth", "fg3d_pncc", "fg3d_photo"
+KEY_BASIS, KEY_FGNET = "Basis", "FGNet"
+
+
+@dataclass
+class BuildOptions:
+    add_images: bool = True       # depth + PNCC as packed images
+    add_camera: bool = True       # orthographic camera matching the photo, photo as background
+    name: Optional[str] = None    # base name; default "FG3D_<photo stem>"
+
+
+@dataclass
+class Built:
+    obj: Any
+    camera: Any = None
+    images: List[Any] = field(default_factory=list)
+
+
+def to_blender(vertices_mm: np.ndarray, centre_mm: np.ndarray) -> np.ndarray:
+    """(N,3) BFM millimetres → (N,3) Blender metres about ``centre_mm``."""
+    return ((np.asarray(vertices_mm, np.float64) - centre_mm) @ BFM_TO_BLENDER.T * MM).astype(np.float32)
+
+
+def _png_bytes(img: np.ndarray) -> bytes:
+    from ..core.export import _png_bytes as encode
+    return encode(img)
+
+
+def _packed_image(name: str, img_bgr: np.ndarray, created: list, non_color: bool = False):
+    """A new image datablock holding ``img_bgr`` as an embedded PNG (saved inside the .blend)."""
+    h, w = img_bgr.shape[:2]
+    data = _png_bytes(img_bgr)
+    im = bpy.data.images.new(name, w, h)
+    created.append(im)
+    im.pack(data=data, data_len=len(data))
+    im.source = 'FILE'
+    im.filepath_raw = f"//{im.name}.png"
+    if non_color and im.colorspace_settings is not None:
+        try:
+            setattr(im.colorspace_settings, "name", "Non-Color")  # the stubs type this enum too narrowly
+        except TypeError:  # a colour-management config without that name
+            pass
+    return im
+
+
+def _fill_mesh(me, verts: np.ndarray, tris: np.ndarray, uvs: np.ndarray) -> None:
+    n, nt = len(verts), len(tris)
+    me.vertices.add(n)
+    me.vertices.foreach_set("co", verts.ravel())
+    me.loops.add(3 * nt)
+    me.loops.foreach_set("vertex_index", tris.astype(np.int32).ravel())
+    me.polygons.add(nt)
+    me.polygons.foreach_set("loop_start", np.arange(0, 3 * nt, 3, dtype=np.int32))
+    try:  # Blender 3.x needs the loop counts; 4.0+ derives them (read-only there)
+        me.polygons.foreach_set("loop_total", np.full(nt, 3, dtype=np.int32))
+    except (AttributeError, TypeError, RuntimeError):
+        pass
+    uv = me.uv_layers.new(name="UVMap")
+    uv.data.foreach_set("uv", uvs[tris.ravel()].astype(np.float32).ravel())
+    me.update(calc_edges=True)
+    if me.validate(verbose=False):
+        raise RuntimeError("the generated mesh failed Blender's validation")
+    if hasattr(me, "shade_smooth"):
+        me.shade_smooth()
+    else:
+        me.polygons.foreach_set("use_smooth", np.ones(nt, dtype=bool))
+
+
+def _material(name: str, texture_img, created: list):
+    mat = bpy.data.materials.new(name)
+    created.append(mat)
+    if mat.node_tree is None:  # Blender < 5.0: node trees are opt-in (5.0 always has one)
+        mat.use_nodes = True
+    tree = mat.node_tree
+    if tree is None:
+        raise RuntimeError("Blender did not give the new material a node tree")
+    nodes, links = tree.nodes, tree.links
+    bsdf = next((n for n in nodes if n.type == 'BSDF_PRINCIPLED'), None)
+    out = next((n for n in nodes if n.type == 'OUTPUT_MATERIAL'), None)
+    if bsdf is None:
+        bsdf = nodes.new("ShaderNodeBsdfPrincipled")
+    if out is None:
+        out = nodes.new("ShaderNodeOutputMaterial")
+        out.location = (300, 300)
+    if not bsdf.outputs[0].is_linked:
+        links.new(bsdf.outputs[0], out.inputs["Surface"])
+    tex = cast(Any, nodes.new("ShaderNodeTexImage"))
+    tex.name = tex.label = "Face texture"
+    tex.image = texture_img
+    tex.location = (bsdf.location.x - 400, bsdf.location.y)
+    links.new(tex.outputs["Color"], bsdf.inputs["Base Color"])
+    if "Roughness" in bsdf.inputs:
+        cast(Any, bsdf.inputs["Roughness"]).default_value = 0.6
+    return mat
+
+
+def _camera_pose(result, centre_mm: np.ndarray) -> Tuple[np.ndarray, np.ndarray, float]:
+    """Orthographic camera matching the photo: (location m, 3×3 rotation, ortho_scale m) in the object frame.
+
+    The fit projects ``image_px = A @ v_mm + b`` (weak perspective).  The camera looks along -r3 of the head
+    rotation, its X/Y axes are the image's right/up directions (r1, r2), and its centre ray passes
+    through the photo's centre pixel.
+    """
+    h, w = result.image.shape[:2]
+    A = np.asarray(result.camera["A"], np.float64)
+    b = np.asarray(result.camera["b"], np.float64)
+    R = np.asarray(result.camera["rotation"], np.float64)
+    s = float(result.camera["scale"])
+    centre_px = np.array([(w - 1) / 2.0, (h - 1) / 2.0])  # pixel centres sit on integer coordinates
+    p0 = np.linalg.lstsq(A[:2], centre_px - b[:2], rcond=None)[0]
+    p0 = p0 - R[2] * float(R[2] @ p0) + R[2] * CAMERA_DISTANCE_MM
+    loc = to_blender(p0[None], centre_mm)[0].astype(np.float64)
+    rot = BFM_TO_BLENDER @ R.T  # columns: camera X (image right), Y (image up), Z (toward the camera)
+    return loc, rot, max(w, h) / s * MM
+
+
+def _camera(name: str, result, centre_mm: np.ndarray, location: Any, photo_img, scene, collection,
+            created: list):
+    loc, rot, ortho = _camera_pose(result, centre_mm)
+    cam = bpy.data.cameras.new(name)
+    created.append(cam)
+    cam.type = 'ORTHO'
+    cam.ortho_scale = ortho
+    cam.clip_start = 0.01
+    cam.clip_end = 2.0 * CAMERA_DISTANCE_MM * MM
+    cam.show_background_images = True
+    bg = cam.background_images.new()
+    bg.image = photo_img
+    bg.alpha = 1.0
+    bg.frame_method = 'FIT'
+    bg.display_depth = 'BACK'
+    ob = bpy.data.objects.new(name, cam)
+    created.append(ob)
+    m = Matrix([list(r) for r in rot]).to_4x4()
+    m.translation = Vector((location[0], location[1], location[2])) + Vector(loc.tolist())
+    ob.matrix_world = m
+    collection.objects.link(ob)
+    return ob
+
+
+def _restore(created: list) -> None:
+    """Remove every datablock in ``created`` (newest first)."""
+    for block in reversed(created):
+        try:
+            if isinstance(block, bpy.types.Object):
+                bpy.data.objects.remove(block, do_unlink=True)
+            elif isinstance(block, bpy.types.Mesh):
+                bpy.data.meshes.remove(block)
+            elif isinstance(block, bpy.types.Camera):
+                bpy.data.cameras.remove(block)
+            elif isinstance(block, bpy.types.Material):
+                bpy.data.materials.remove(block)
+            elif isinstance(block, bpy.types.Image):
+                bpy.data.images.remove(block)
+        except ReferenceError:  # already gone with its owner
+            pass
+
+
+def add_result(result, scene, collection, view_layer=None, options: Optional[BuildOptions] = None,
+               location=(0.0, 0.0, 0.0)) -> Built:
+    """Add the reconstruction to ``collection`` of ``scene``; returns the new objects.
+
+    On any failure every datablock made here is removed and scene settings are restored before the
+    exception propagates.
+    """
+    opts = options or BuildOptions()
+    stem = os.path.splitext(os.path.basename(str(result.source)))[0] or "face"
+    base = opts.name or f"FG3D_{stem}"
+    created: list = []
+    render = scene.render
+    saved = (render.resolution_x, render.resolution_y, render.pixel_aspect_x, render.pixel_aspect_y,
+             scene.camera)
+    try:
+        coarse = np.asarray(result.vertices_coarse, np.float64)
+        refined = np.asarray(result.vertices, np.float64)
+        centre = 0.5 * (coarse.min(0) + coarse.max(0))
+        v_basis, v_refined = to_blender(coarse, centre), to_blender(refined, centre)
+
+        me = bpy.data.meshes.new(base)
+        created.append(me)
+        _fill_mesh(me, v_basis, np.asarray(result.triangles), np.asarray(result.uvs))
+        tex = _packed_image(f"{base}_texture", result.texture, created)
+        me.materials.append(_material(base, tex, created))
+
+        ob = bpy.data.objects.new(base, me)
+        created.append(ob)
+        ob.location = Vector(tuple(location))
+        collection.objects.link(ob)
+        basis = ob.shape_key_add(name=KEY_BASIS, from_mix=False)
+        basis.interpolation = 'KEY_LINEAR'
+        key = ob.shape_key_add(name=KEY_FGNET, from_mix=False)
+        key.data.foreach_set("co", v_refined.ravel())
+        key.slider_min, key.slider_max, key.value = 0.0, 1.0, 1.0
+        if me.shape_keys is not None:
+            me.shape_keys.use_relative = True
+
+        ob[PROP_SOURCE] = str(result.source)
+        ob[PROP_YAW] = float(result.pose["yaw"])
+        ob[PROP_PITCH] = float(result.pose["pitch"])
+        ob[PROP_ROLL] = float(result.pose["roll"])
+        ob[PROP_REFINED] = bool(result.refined)
+
+        built = Built(obj=ob)
+        photo = None
+        if opts.add_camera or opts.add_images:
+            photo = _packed_image(f"{base}_photo", result.image, created)
+            ob[PROP_PHOTO] = photo
+            built.images.append(photo)
+        if opts.add_images:
+            from ..core.export import depth_image
+            depth = _packed_image(f"{base}_depth", depth_image(result), created, non_color=True)
+            pncc = _packed_image(f"{base}_pncc", result.pncc, created, non_color=True)
+            ob[PROP_DEPTH], ob[PROP_PNCC] = depth, pncc  # ID properties keep them in the saved file
+            built.images += [depth, pncc]
+        if opts.add_camera:
+            built.camera = _camera(f"{base}_camera", result, centre, ob.location, photo, scene, collection,
+                                   created)
+            h, w = result.image.shape[:2]
+            render.resolution_x, render.resolution_y = int(w), int(h)
+            render.pixel_aspect_x = render.pixel_aspect_y = 1.0
+            if scene.camera is None:
+                scene.camera = built.camera
+
+        if view_layer is not None:
+            for other in view_layer.objects:
+                if other.select_get(view_layer=view_layer):
+                    other.select_set(False, view_layer=view_layer)
+            ob.select_set(True, view_layer=view_layer)
+            view_layer.objects.active = ob
+        return built
+    except BaseException:
+        _restore(created)
+        (render.resolution_x, render.resolution_y, render.pixel_aspect_x, render.pixel_aspect_y,
+         scene.camera) = saved
+        raise

@@ -1,0 +1,111 @@
+"""Run the pipeline off Blender's main thread.  No bpy in here: the worker only computes.
+
+The worker reports ``(stage, fraction)`` through a queue that the operator's modal timer drains on the
+main thread; the result (or the one-line error) arrives on the same queue.  A thread cannot be killed,
+so cancelling only marks the job: the computation runs to its end and its result is then dropped.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+STAGE_LABELS = {
+    "load": "Loading the photo", "detect": "Finding the face", "3dmm": "Fitting the 3D face model",
+    "refine": "FGNet refinement", "render": "Rendering depth and PNCC", "texture": "Baking the texture",
+    "done": "Building the mesh",
+}
+
+
+@dataclass
+class Settings:
+    """What the user chose (operator properties + preferences), plain values only."""
+    filepath: str
+    refine: bool = True
+    face_index: int = 0
+    texture_size: int = 1024
+    threads: int = 0                       # 0 = leave torch's default
+    env: Dict[str, str] = field(default_factory=dict)  # FG3D_CACHE_DIR / FG3D_ASSET_MIRROR from prefs
+
+
+def apply_environment(settings: Settings) -> None:
+    """Point the asset code at the preference folders and set torch's thread count."""
+    for key, value in settings.env.items():
+        if value:
+            os.environ[key] = value
+    if settings.threads > 0:
+        import torch
+        torch.set_num_threads(int(settings.threads))
+
+
+def run_pipeline(settings: Settings, progress: Optional[Callable[[str, float], None]] = None):
+    """The one call both the synchronous and the threaded path make."""
+    from ..core.pipeline import reconstruct
+    apply_environment(settings)
+    return reconstruct(settings.filepath, face_index=settings.face_index, refine=settings.refine,
+                       texture_size=settings.texture_size, progress=progress)
+
+
+def error_line(exc: BaseException) -> str:
+    """One line for the user: FG3DError text as is; anything else named, without a traceback."""
+    from ..core.errors import FG3DError
+    if isinstance(exc, FG3DError):
+        return str(exc)
+    return " ".join(f"internal error ({type(exc).__name__}: {exc})".split())
+
+
+class Job:
+    """One reconstruction in a daemon thread.  ``poll()`` (main thread) returns new events."""
+
+    def __init__(self, settings: Settings, target: Optional[Callable[..., Any]] = None):
+        self.settings = settings
+        self.events: "queue.Queue[Tuple[str, Any]]" = queue.Queue()
+        self.cancelled = threading.Event()
+        self.result: Any = None
+        self.error: Optional[str] = None
+        self.finished = False
+        self.stage, self.fraction = "load", 0.0
+        self._target = target or run_pipeline
+        self._thread = threading.Thread(target=self._work, name="fg3d-reconstruct", daemon=True)
+
+    def start(self) -> "Job":
+        self._thread.start()
+        return self
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def _work(self) -> None:
+        try:
+            result = self._target(self.settings, progress=lambda s, f: self.events.put(("progress", (s, f))))
+        except BaseException as exc:  # noqa: BLE001 - reported as one line on the main thread
+            self.events.put(("error", error_line(exc)))
+        else:
+            self.events.put(("result", None if self.cancelled.is_set() else result))
+
+    def poll(self) -> List[Tuple[str, Any]]:
+        """Drain the queue; updates ``stage``/``fraction``/``result``/``error``/``finished``."""
+        got = []
+        while True:
+            try:
+                kind, value = self.events.get_nowait()
+            except queue.Empty:
+                break
+            got.append((kind, value))
+            if kind == "progress":
+                self.stage, self.fraction = value
+            elif kind == "result":
+                self.result, self.finished = value, True
+            elif kind == "error":
+                self.error, self.finished = value, True
+        return got
+
+    def join(self, timeout: Optional[float] = None) -> bool:
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    @property
+    def label(self) -> str:
+        return f"{STAGE_LABELS.get(self.stage, self.stage)} … {int(round(self.fraction * 100))}%"
