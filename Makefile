@@ -8,7 +8,7 @@ FG3D_ASSET_MIRROR ?= $(if $(wildcard ../shared/models/beyond3dmm),$(abspath ../s
 export FG3D_ASSET_MIRROR
 EXT := fg3d_blender/render_ext/_raster$(shell $(PYTHON) -c "import sysconfig;print(sysconfig.get_config_var('EXT_SUFFIX'))")
 
-.PHONY: demo test setup build assets clean
+.PHONY: demo test setup build assets addon clean
 
 demo: setup
 	$(PY) -m fg3d_blender demo -o out
@@ -30,6 +30,9 @@ build: $(EXT)
 
 assets: $(VENV)/.stamp
 	$(PY) -m fg3d_blender fetch-assets
+
+addon: setup
+	$(PY) build_addon.py --no-wheels
 
 clean:
 	rm -rf build dist out fg3d_blender/render_ext/_raster.c fg3d_blender/render_ext/*.so
