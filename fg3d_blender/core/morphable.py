@@ -138,7 +138,7 @@ class Fit:
 
     @property
     def pose_degrees(self) -> dict:
-        """Yaw (+ = face turned toward the photo's right side), pitch, roll (in-plane), in degrees."""
+        """Degrees: yaw (+ = face turned toward the photo's right side), pitch (+ = head tilted down), roll (in-plane)."""
         r = self.rotation
         yaw = np.arcsin(np.clip(r[0, 2], -1, 1))
         pitch = np.arctan2(-r[1, 2], r[2, 2])
