@@ -1,7 +1,8 @@
 """Stage 5 — the UV texture: the photo sampled at each texel's projected position.
 
 Texels whose surface point is hidden (z-buffer test) take the colour of their left–right mirror texel
-(the BFM UV layout is symmetric, u ↔ 1 − u) when that one is visible; what is still empty, and the
+(the BFM UV layout is symmetric, u ↔ 1 − u) when that one is fully visible; texels seen at a grazing
+angle blend the photo into that fill; what is still empty, and the
 area outside the layout, is filled by push–pull (masked pyramid averaging), which leaves no seams.
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ import numpy as np
 from .render import interpolate, uv_raster
 
 MIN_FACING = 0.2  # cosine between surface normal and view direction below which a texel is not trusted
+FACING_RAMP = 0.25  # above MIN_FACING + this, the photo alone gives the texel's colour
 
 
 def texel_visibility(pos: np.ndarray, layout: np.ndarray, zbuffer: np.ndarray, tolerance: float,
@@ -49,20 +51,28 @@ def push_pull_fill(img: np.ndarray, known: np.ndarray) -> np.ndarray:
 
 def make_texture(image: np.ndarray, image_vertices: np.ndarray, view_normal_z: np.ndarray, uvs: np.ndarray,
                  triangles: np.ndarray, zbuffer: np.ndarray, size: int = 1024, tolerance: float = 2.0):
-    """UV texture (size,size,3) uint8 BGR and the visibility map (size,size) bool.
+    """UV texture (size,size,3) uint8 BGR and the photo's weight per texel (size,size) float32 in [0,1].
 
     ``view_normal_z``: per-vertex cosine between the posed normal and the direction to the camera.
+    A visible texel's weight ramps from 0 at ``MIN_FACING`` to 1 at ``MIN_FACING + FACING_RAMP``;
+    where it is below 1 the photo is blended with the fill (mirror texel, else push–pull), so grazing
+    surfaces fade into the filled side instead of ending at a seam.
     """
     r = uv_raster(uvs, triangles, size)
     attrs = np.column_stack([image_vertices, view_normal_z])
     interp = interpolate(r, triangles, attrs)
-    pos, layout = interp[:, :, :3], r.mask
-    vis = texel_visibility(pos, layout, zbuffer, tolerance, interp[:, :, 3])
-    tex = cv2.remap(image, np.ascontiguousarray(pos[:, :, 0]), np.ascontiguousarray(pos[:, :, 1]), cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-    mirror_vis = vis[:, ::-1]
-    use_mirror = layout & ~vis & mirror_vis
-    tex[use_mirror] = tex[:, ::-1][use_mirror]
-    known = vis | use_mirror
+    pos, layout, facing = interp[:, :, :3], r.mask, interp[:, :, 3]
+    vis = texel_visibility(pos, layout, zbuffer, tolerance, facing)
+    weight = np.where(vis, np.clip((facing - MIN_FACING) / FACING_RAMP, 0.0, 1.0), 0.0).astype(np.float32)
+    photo = cv2.remap(image, np.ascontiguousarray(pos[:, :, 0]), np.ascontiguousarray(pos[:, :, 1]),
+                      cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    solid = weight >= 1.0
+    use_mirror = layout & ~solid & solid[:, ::-1]
+    fill = photo.copy()
+    fill[use_mirror] = photo[:, ::-1][use_mirror]
+    known = solid | use_mirror
     if not known.all():
-        tex = np.clip(push_pull_fill(tex, known) + 0.5, 0, 255).astype(np.uint8)
-    return np.ascontiguousarray(tex), vis
+        fill = push_pull_fill(fill, known)
+    w = weight[..., None]
+    tex = np.clip(w * photo + (1.0 - w) * fill + 0.5, 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(tex), weight
