@@ -35,20 +35,23 @@ def model_info() -> Optional[dict]:
     return info if Path(info["path"]).is_file() else None
 
 
+def load_verified(info: dict):
+    """The network of a manifest entry, after checking the file's sha256 (FG3DError if it differs)."""
+    from .assets import sha256_of
+    from .fgnet import load_checkpoint
+    digest = sha256_of(Path(info["path"]))
+    if digest != info["sha256"]:
+        raise FG3DError(f"FGNet weights {info['path']} are corrupt (sha256 {digest[:12]}…, expected "
+                        f"{info['sha256'][:12]}…); restore the file or run with --no-refine")
+    return load_checkpoint(info["path"])
+
+
 def _model() -> Tuple[Optional[object], Optional[dict]]:
     with _lock:
         if "net" not in _state:
             info = model_info()
-            net = None
-            if info is not None:
-                from .assets import sha256_of
-                from .fgnet import load_checkpoint
-                digest = sha256_of(Path(info["path"]))
-                if digest != info["sha256"]:
-                    raise FG3DError(f"FGNet weights {info['path']} are corrupt (sha256 {digest[:12]}…, expected "
-                                    f"{info['sha256'][:12]}…); restore the file or run with --no-refine")
-                net = load_checkpoint(info["path"])
-            _state["net"], _state["info"] = net, info
+            _state["net"] = load_verified(info) if info is not None else None
+            _state["info"] = info
         return _state["net"], _state["info"]
 
 

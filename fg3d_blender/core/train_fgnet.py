@@ -309,6 +309,8 @@ def detail_mm(d: np.ndarray, mask: np.ndarray, sigma: float) -> float:
 def evaluate(net, batcher: Batcher, losses: Losses, idx: np.ndarray, batch: int = 16) -> dict:
     """Held-out photometric error and landmark NME (vs dlib), coarse vs refined, and the detail measure."""
     import torch
+    if len(idx) == 0:
+        return {"n": 0}
     acc = {"photo_coarse": [0.0, 0.0], "photo_refined": [0.0, 0.0]}
     nme_c, nme_r, det = [], [], []
     net.eval()
@@ -416,6 +418,22 @@ def train(photos: Path, out: Path, steps: int = 2000, resume: bool = False, cach
                                   "heldout": json.dumps(ev)})
     log("final held-out: " + json.dumps(ev))
     return {"out": str(out), "sha256": sha, "steps": step, "heldout": ev, "device": str(device)}
+
+
+def install_weights(src: Path, models: Path, name: Optional[str] = None) -> dict:
+    """Copy trained weights into ``models/`` and write ``models/fgnet.json`` (file, sha256, width, UV size)."""
+    import shutil
+    import torch
+    from .assets import sha256_of
+    ck = torch.load(str(src), map_location="cpu", weights_only=True)
+    name = name or f"fgnet_w{int(ck['width'])}_uv{int(ck['uv_size'])}.pt"
+    dst = models / name
+    if Path(src).resolve() != dst.resolve():
+        shutil.copyfile(src, dst)
+    info = {"file": name, "sha256": sha256_of(dst), "width": int(ck["width"]), "uv_size": int(ck["uv_size"]),
+            "paf_k": int(ck["paf_k"]), "steps": int(ck["step"]), "bytes": dst.stat().st_size}
+    (models / "fgnet.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    return info
 
 
 if __name__ == "__main__":  # cache worker: python -m fg3d_blender.core.train_fgnet PHOTOS CACHE SIZE W N
