@@ -95,3 +95,12 @@ def test_consistency_alignment_removes_similarity_transforms():
     bumped[0][:1000] += 2.0  # one view differs locally
     dev = shape_consistency(bumped)
     assert dev[0] > 0.02 and dev[0] > dev[1:].max()
+
+
+def test_pose_weight_fades_outside_the_training_poses():
+    w = refine_stage.pose_weight
+    assert w(0.0, [30, 45]) == 1.0 and w(-30.0, [30, 45]) == 1.0
+    assert abs(w(37.5, [30, 45]) - 0.5) < 1e-9 and w(-60.0, [30, 45]) == 0.0
+    assert w(80.0, None) == 1.0
+    info = refine_stage.model_info()
+    assert info["yaw_support_deg"][0] < info["yaw_support_deg"][1]
