@@ -131,6 +131,21 @@ def cmd_bench(args) -> int:
     return bench.main(args)
 
 
+def cmd_train_fgnet(args) -> int:
+    from .core import train_fgnet
+    photos = Path(args.photos)
+    if not photos.is_dir():
+        raise FG3DError(f"{photos}: not a folder of photos")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    res = train_fgnet.train(photos, out, steps=args.steps, resume=args.resume,
+                            cache=Path(args.cache) if args.cache else None, width=args.width, size=args.uv_size,
+                            batch=args.batch, lr=args.lr, checkpoint_every=args.checkpoint_every,
+                            eval_every=args.eval_every, log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(json.dumps(res))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fg3d_blender", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -153,6 +168,19 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fetch-assets", help="download (or copy from $FG3D_ASSET_MIRROR) the model files")
     f.add_argument("--optional", action="store_true", help="also the optional Surrey Face Model files")
     f.set_defaults(func=cmd_fetch_assets)
+    t = sub.add_parser("train-fgnet", help="train FGNet self-supervised on a folder of face photos")
+    t.add_argument("--photos", required=True, metavar="DIR")
+    t.add_argument("--out", required=True, metavar="FILE", help="weights file (fp16); FILE.ckpt is the checkpoint")
+    t.add_argument("--steps", type=int, default=3000)
+    t.add_argument("--resume", action="store_true", help="continue from FILE.ckpt")
+    t.add_argument("--cache", metavar="DIR", help="precomputed inputs (default FILE.cache; built when empty)")
+    t.add_argument("--width", type=int, default=8, help="first-stage channels (the paper: 16)")
+    t.add_argument("--uv-size", type=int, default=128, help="UV map size, a multiple of 32 (the paper: 256)")
+    t.add_argument("--batch", type=int, default=8)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--checkpoint-every", type=int, default=100, metavar="N")
+    t.add_argument("--eval-every", type=int, default=500, metavar="N", help="held-out evaluation (0 = only at the end)")
+    t.set_defaults(func=cmd_train_fgnet)
     b = sub.add_parser("bench", help="benchmarks that print numbers (last line JSON with --json)")
     from .core import bench
     bench.add_arguments(b)

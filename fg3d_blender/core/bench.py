@@ -38,6 +38,7 @@ def add_arguments(parser) -> None:
     s.add_argument("--no-refine", action="store_true")
     s.add_argument("--texture-size", type=int, default=1024)
     s.add_argument("--json", action="store_true")
+    add_fgnet_arguments(sub)
 
 
 def nme(pred: np.ndarray, gt: np.ndarray) -> float:
@@ -139,10 +140,94 @@ def run_speed(args) -> dict:
 
 
 def main(args) -> int:
-    out = run_aflw2000(args) if args.bench == "aflw2000" else run_speed(args)
+    runners = {"aflw2000": run_aflw2000, "speed": run_speed, "consistency": run_consistency,
+               "heldout": run_heldout}
+    out = runners[args.bench](args)
     if args.json:
         print(json.dumps(out))
     else:
         for k, v in out.items():
             print(f"{k}: {v}")
     return 0
+
+
+# ---- FGNet benchmarks: multi-pose consistency and held-out photometric/detail ---------------------
+
+def add_fgnet_arguments(sub) -> None:
+    c = sub.add_parser("consistency", help="one person at many poses: vertex deviation (mm) from the mean shape")
+    c.add_argument("--dir", required=True)
+    c.add_argument("--no-refine", action="store_true")
+    c.add_argument("--json", action="store_true")
+    h = sub.add_parser("heldout", help="FGNet on the held-out training photos: photometric error, landmark "
+                                       "NME vs dlib, coarse vs refined, and the detail measure (mm)")
+    h.add_argument("--cache", required=True, help="the train-fgnet cache folder")
+    h.add_argument("--photos", help="photo folder to (re)build the cache from when it is incomplete")
+    h.add_argument("--limit", type=int, default=0)
+    h.add_argument("--json", action="store_true")
+
+
+def similarity_align(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """src (N,3) moved onto dst by the least-squares similarity transform (Umeyama)."""
+    ms, md = src.mean(0), dst.mean(0)
+    a, b = src - ms, dst - md
+    u, sig, vt = np.linalg.svd(b.T @ a)
+    d = np.sign(np.linalg.det(u @ vt))
+    e = np.diag([1.0, 1.0, d])
+    r = u @ e @ vt
+    scale = float((sig * np.diag(e)).sum() / (a * a).sum())
+    return (scale * a @ r.T + md).astype(np.float64)
+
+
+def shape_consistency(shapes: list, iterations: int = 5) -> np.ndarray:
+    """Generalised Procrustes: per-shape mean vertex distance (mm) to the mean after similarity alignment.
+    The mean is kept at the shapes' average centroid size, so alignment cannot shrink the error."""
+    x = [np.asarray(v, np.float64) for v in shapes]
+    size = np.mean([np.sqrt(((v - v.mean(0)) ** 2).sum(1).mean()) for v in x])
+    mean = x[0]
+    for _ in range(iterations):
+        aligned = [similarity_align(v, mean) for v in x]
+        mean = np.mean(aligned, 0)
+        mean = (mean - mean.mean(0)) * (size / np.sqrt(((mean - mean.mean(0)) ** 2).sum(1).mean()))
+    aligned = [similarity_align(v, mean) for v in x]
+    return np.array([np.linalg.norm(v - mean, axis=1).mean() for v in aligned])
+
+
+def run_consistency(args) -> dict:
+    from .pipeline import reconstruct
+    from .errors import NoFaceError
+    photos = sorted(p for p in Path(args.dir).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    shapes, names, missed = [], [], []
+    for p in photos:
+        try:
+            r = reconstruct(p, refine=not args.no_refine, texture_size=256)
+        except NoFaceError:
+            missed.append(p.name)
+            continue
+        shapes.append(r.vertices)
+        names.append(p.name)
+    dev = shape_consistency(shapes) if len(shapes) > 1 else np.zeros(len(shapes))
+    return {"mean_mm": float(dev.mean()) if len(dev) else float("nan"), "n": len(shapes),
+            "no_face": missed, "per_view_mm": {n: round(float(d), 3) for n, d in zip(names, dev)},
+            "refine": not args.no_refine}
+
+
+def run_heldout(args) -> dict:
+    import torch
+    from . import train_fgnet
+    from .refine import _model
+    net, info = _model()
+    if net is None:
+        from .errors import FG3DError
+        raise FG3DError("no FGNet weights installed (models/fgnet.json)")
+    size = int(info["uv_size"])
+    cache = Path(args.cache)
+    if args.photos:
+        train_fgnet.build_cache(train_fgnet.list_photos(Path(args.photos)), cache, size)
+    data = train_fgnet.load_cache(cache)
+    held = np.flatnonzero([train_fgnet.is_holdout(str(n)) for n in data["names"]])
+    if args.limit:
+        held = held[:args.limit]
+    batcher = train_fgnet.Batcher(data, size, torch.device("cpu"))
+    out = train_fgnet.evaluate(net, batcher, train_fgnet.Losses(batcher.uvm, "cpu"), held)
+    out.update({"weights": info["file"], "uv_size": size})
+    return out

@@ -1,0 +1,106 @@
+"""FGNet in the pipeline (shipped weights, sha check) and the training command end to end on real photos."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("FG3D_ASSET_MIRROR", str(Path(__file__).resolve().parents[2] / "shared" / "models"))
+
+from fg3d_blender.core import refine as refine_stage  # noqa: E402
+from fg3d_blender.core.errors import FG3DError  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+PHOTO = SHARED / "photos" / "fg3d_examples" / "AFW_1814664578_2_0.jpg"
+
+
+def test_shipped_weights_are_installed_and_verified():
+    info = refine_stage.model_info()
+    assert info is not None, "models/fgnet.json or its weights file is missing"
+    assert Path(info["path"]).stat().st_size <= 30 * 2 ** 20
+    net = refine_stage.load_verified(info)
+    assert net.width == info["width"] and not net.training
+    bad = dict(info, sha256="0" * 64)
+    with pytest.raises(FG3DError, match="corrupt"):
+        refine_stage.load_verified(bad)
+
+
+def test_refine_moves_the_coarse_shape_within_bounds():
+    from fg3d_blender.core import detect, morphable
+    from fg3d_blender.core.image_io import load_image
+    image = load_image(PHOTO)
+    fit = morphable.fit_3dmm(image, detect.select_face(detect.detect_faces(image), None).landmarks)
+    out = refine_stage.refine(image, fit)
+    assert out is not None and out.shape == fit.vertices.shape and np.isfinite(out).all()
+    d = np.linalg.norm(out - fit.vertices, axis=1)
+    assert 0.01 < d.mean() < 5.0 and d.max() < 25.0
+    again = refine_stage.refine(image, fit)
+    assert np.array_equal(out, again)  # deterministic (eval mode, no dropout)
+
+
+def test_pipeline_uses_fgnet_by_default_and_no_refine_skips_it():
+    from fg3d_blender.core.pipeline import reconstruct
+    r = reconstruct(PHOTO, texture_size=256)
+    assert r.refined and not np.array_equal(r.vertices, r.vertices_coarse)
+    c = reconstruct(PHOTO, refine=False, texture_size=256)
+    assert not c.refined and np.array_equal(c.vertices, c.vertices_coarse)
+    assert np.allclose(c.vertices, r.vertices_coarse)
+
+
+def test_train_fgnet_command_builds_cache_trains_and_resumes(tmp_path):
+    import torch
+    from fg3d_blender.cli import main
+    from fg3d_blender.core import train_fgnet
+    from fg3d_blender.core.fgnet import load_checkpoint
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for p in sorted((SHARED / "training" / "utkface").iterdir())[:10]:
+        shutil.copyfile(p, photos / p.name)
+    out = tmp_path / "w.pt"
+    args = ["train-fgnet", "--photos", str(photos), "--out", str(out), "--steps", "2", "--batch", "2",
+            "--width", "4", "--uv-size", "64", "--checkpoint-every", "1", "--eval-every", "0"]
+    assert main(args) == 0
+    data = train_fgnet.load_cache(tmp_path / "w.cache")
+    assert data["size"] == 64 and 8 <= len(data["names"]) <= 10
+    assert data["landmarks"].shape[1:] == (68, 2) and np.isfinite(data["light"]).all()
+    ck = torch.load(str(out) + ".ckpt", weights_only=True)
+    assert ck["step"] == 2
+    assert main(args[:6] + ["3"] + args[7:] + ["--resume"]) == 0
+    assert torch.load(str(out) + ".ckpt", weights_only=True)["step"] == 3
+    net = load_checkpoint(out)
+    assert net.width == 4
+    models = tmp_path / "models"
+    models.mkdir()
+    info = train_fgnet.install_weights(out, models)
+    assert json.loads((models / "fgnet.json").read_text())["sha256"] == info["sha256"]
+
+
+def test_consistency_alignment_removes_similarity_transforms():
+    from fg3d_blender.core.bench import shape_consistency
+    from fg3d_blender.core import morphable
+    v = morphable.face_model().mean_mm.astype(np.float64)
+    rng = np.random.default_rng(0)
+    shapes = []
+    for k in range(4):
+        a = rng.normal(size=3)
+        r, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+        r *= np.sign(np.linalg.det(r))
+        shapes.append((1 + 0.1 * k) * v @ r.T + a * 10)
+    assert shape_consistency(shapes).max() < 1e-6
+    bumped = [s.copy() for s in shapes]
+    bumped[0][:1000] += 2.0  # one view differs locally
+    dev = shape_consistency(bumped)
+    assert dev[0] > 0.02 and dev[0] > dev[1:].max()
+
+
+def test_pose_weight_fades_outside_the_training_poses():
+    w = refine_stage.pose_weight
+    assert w(0.0, [30, 45]) == 1.0 and w(-30.0, [30, 45]) == 1.0
+    assert abs(w(37.5, [30, 45]) - 0.5) < 1e-9 and w(-60.0, [30, 45]) == 0.0
+    assert w(80.0, None) == 1.0
+    info = refine_stage.model_info()
+    assert info["yaw_support_deg"][0] < info["yaw_support_deg"][1]
