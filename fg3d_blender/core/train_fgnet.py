@@ -466,7 +466,8 @@ def train(photos: Path, out: Path, steps: int = 2000, resume: bool = False, cach
     return {"out": str(out), "sha256": sha, "steps": step, "heldout": ev, "device": str(device)}
 
 
-def install_weights(src: Path, models: Path, name: Optional[str] = None, yaw_support=(30, 45)) -> dict:
+def install_weights(src: Path, models: Path, name: Optional[str] = None, yaw_support=(30, 45),
+                    detail_highpass_sigma: Optional[float] = 4) -> dict:
     """Copy trained weights into ``models/`` and write ``models/fgnet.json`` (file, sha256, width, UV size)."""
     import shutil
     import torch
@@ -478,7 +479,7 @@ def install_weights(src: Path, models: Path, name: Optional[str] = None, yaw_sup
         shutil.copyfile(src, dst)
     info = {"file": name, "sha256": sha256_of(dst), "width": int(ck["width"]), "uv_size": int(ck["uv_size"]),
             "paf_k": int(ck["paf_k"]), "steps": int(ck["step"]), "bytes": dst.stat().st_size,
-            "yaw_support_deg": list(yaw_support)}
+            "yaw_support_deg": list(yaw_support), "detail_highpass_sigma": detail_highpass_sigma}
     (models / "fgnet.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return info
 
