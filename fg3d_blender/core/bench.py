@@ -130,8 +130,8 @@ def run_speed(args) -> dict:
     cold = float(subprocess.run(cold_cmd, capture_output=True, text=True, check=True,
                                 cwd=str(Path(__file__).resolve().parents[2])).stdout.strip().splitlines()[-1])
     image = load_image(args.photo)
-    reconstruct(image, refine=not args.no_refine, texture_size=args.texture_size)
-    runs = [reconstruct(image, refine=not args.no_refine, texture_size=args.texture_size).timings
+    reconstruct(args.photo, refine=not args.no_refine, texture_size=args.texture_size)
+    runs = [reconstruct(args.photo, refine=not args.no_refine, texture_size=args.texture_size).timings
             for _ in range(args.repeat)]
     stages = {k: round(statistics.median(r[k] for r in runs), 1) for k in runs[0]}
     return {"photo": args.photo, "size": list(image.shape[:2]), "warm_ms": stages,

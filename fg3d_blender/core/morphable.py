@@ -87,7 +87,16 @@ class FaceModel:
 
     def shape_mm(self, alpha_shp: np.ndarray) -> np.ndarray:
         """Identity shape (N,3) in mm for 40 shape parameters."""
-        return ((self.mean_um + self.basis_um @ alpha_shp.astype(np.float32)) / 1000.0).astype(np.float32)
+        flat = self._basis_flat @ alpha_shp.astype(np.float32)  # one BLAS matrix-vector product
+        return (self._mean_um32 + flat.reshape(-1, 3)) * np.float32(1e-3)
+
+    @cached_property
+    def _basis_flat(self) -> np.ndarray:
+        return self.basis_um.reshape(-1, self.basis_um.shape[2])
+
+    @cached_property
+    def _mean_um32(self) -> np.ndarray:
+        return self.mean_um.astype(np.float32)
 
 
 _model_lock = threading.Lock()

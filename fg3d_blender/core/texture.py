@@ -32,6 +32,8 @@ def push_pull_fill(img: np.ndarray, known: np.ndarray) -> np.ndarray:
     from the coarsest level up, each level keeps its own (premultiplied) colour and takes the upsampled
     estimate for the rest.
     """
+    if known.all() or min(known.shape) < 2:
+        return img.copy()
     w = known.astype(np.float32)
     levels = [(img.astype(np.float32) * w[..., None], w)]
     while min(levels[-1][1].shape) > 1:
@@ -43,10 +45,16 @@ def push_pull_fill(img: np.ndarray, known: np.ndarray) -> np.ndarray:
         levels.append((ci * (nw / np.maximum(cw, 1e-8))[..., None], nw))
     li, lw = levels[-1]
     est = li / np.maximum(lw, 1e-8)[..., None]
-    for li, lw in reversed(levels[:-1]):
+    for li, lw in reversed(levels[1:-1]):
         up = cv2.resize(est, (li.shape[1], li.shape[0]), interpolation=cv2.INTER_LINEAR)
         est = li + up * (1.0 - lw)[..., None]
-    return np.where(known[..., None], img, est)
+    # full resolution: coverage is exactly 0 or 1 there, so keep the known pixels, take the estimate elsewhere
+    out = cv2.resize(est, (img.shape[1], img.shape[0]), interpolation=cv2.INTER_LINEAR)
+    if img.dtype == np.uint8:
+        out = np.clip(out + 0.5, 0, 255).astype(np.uint8)
+    else:
+        out = out.astype(img.dtype)
+    return cv2.copyTo(img, known.astype(np.uint8), out)
 
 
 def make_texture(image: np.ndarray, image_vertices: np.ndarray, view_normal_z: np.ndarray, uvs: np.ndarray,
@@ -68,11 +76,7 @@ def make_texture(image: np.ndarray, image_vertices: np.ndarray, view_normal_z: n
                       cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
     solid = weight >= 1.0
     use_mirror = layout & ~solid & solid[:, ::-1]
-    fill = photo.copy()
-    fill[use_mirror] = photo[:, ::-1][use_mirror]
-    known = solid | use_mirror
-    if not known.all():
-        fill = push_pull_fill(fill, known)
-    w = weight[..., None]
-    tex = np.clip(w * photo + (1.0 - w) * fill + 0.5, 0, 255).astype(np.uint8)
+    fill = cv2.copyTo(np.ascontiguousarray(photo[:, ::-1]), use_mirror.astype(np.uint8), photo.copy())
+    fill = push_pull_fill(fill, solid | use_mirror)
+    tex = cv2.blendLinear(photo, fill, weight, np.ascontiguousarray(1.0 - weight))
     return np.ascontiguousarray(tex), weight
