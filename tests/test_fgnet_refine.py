@@ -67,10 +67,11 @@ def test_train_fgnet_command_builds_cache_trains_and_resumes(tmp_path):
     data = train_fgnet.load_cache(tmp_path / "w.cache")
     assert data["size"] == 64 and 8 <= len(data["names"]) <= 10
     assert data["landmarks"].shape[1:] == (68, 2) and np.isfinite(data["light"]).all()
-    ck = torch.load(str(out) + ".ckpt", weights_only=True)
+    ckpt_path = f"{out}.ckpt"
+    ck = torch.load(ckpt_path, weights_only=True)
     assert ck["step"] == 2
     assert main(args[:6] + ["3"] + args[7:] + ["--resume"]) == 0
-    assert torch.load(str(out) + ".ckpt", weights_only=True)["step"] == 3
+    assert torch.load(ckpt_path, weights_only=True)["step"] == 3
     net = load_checkpoint(out)
     assert net.width == 4
     models = tmp_path / "models"

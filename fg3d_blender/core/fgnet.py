@@ -14,6 +14,7 @@ prefixed ``module.``) with ``strict=True``.  Our own trained weights use a narro
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Dict, Optional, Union
 
@@ -122,7 +123,8 @@ def strip_module_prefix(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tenso
 def load_checkpoint(path: Union[str, Path], width: Optional[int] = None, paf_k: int = 3) -> FGNet:
     """An ``FGNet`` in eval mode from a checkpoint: the paper's format (``{'state_dict': {'module.…'}}``)
     or ours (``{'state_dict', 'width', 'paf_k', …}``).  Loads with ``strict=True``, on the CPU, float32."""
-    ck = torch.load(str(path), map_location="cpu", weights_only=True)
+    checkpoint_file = os.fspath(path)
+    ck = torch.load(checkpoint_file, map_location="cpu", weights_only=True)
     state = ck["state_dict"] if isinstance(ck, dict) and "state_dict" in ck else ck
     state = strip_module_prefix(state)
     if width is None:

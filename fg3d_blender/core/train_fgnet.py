@@ -418,7 +418,8 @@ def train(photos: Path, out: Path, steps: int = 2000, resume: bool = False, cach
     ckpt = out.with_name(out.name + ".ckpt")
     step, history = 0, []
     if resume and ckpt.is_file():
-        ck = torch.load(str(ckpt), map_location=device, weights_only=True)
+        ckpt_file = os.fspath(ckpt)
+        ck = torch.load(ckpt_file, map_location=device, weights_only=True)
         net.load_state_dict(ck["state_dict"])
         opt.load_state_dict(ck["optimizer"])
         step, history = int(ck["step"]), json.loads(ck["history"])
@@ -472,7 +473,8 @@ def install_weights(src: Path, models: Path, name: Optional[str] = None, yaw_sup
     import shutil
     import torch
     from .assets import sha256_of
-    ck = torch.load(str(src), map_location="cpu", weights_only=True)
+    src_file = os.fspath(src)
+    ck = torch.load(src_file, map_location="cpu", weights_only=True)
     name = name or f"fgnet_w{int(ck['width'])}_uv{int(ck['uv_size'])}.pt"
     dst = models / name
     if Path(src).resolve() != dst.resolve():
