@@ -11,7 +11,6 @@ from fg3d_blender.core.assets import asset_path
 from fg3d_blender.core.bench import nme
 from fg3d_blender.core.errors import FG3DError, NoFaceError
 from fg3d_blender.core.image_io import load_image
-from fg3d_blender.core.pipeline import OCCLUSION_TOLERANCE_MM
 
 # a spread of the paper's examples: FRGC, AFW and HELEN crops, frontal and turned
 NME_PHOTOS = ["test.jpg", "AFW_2122067003_1_0.jpg", "AFW_2312639559_1_0.jpg", "AFW_448291547_1_0.jpg",
@@ -244,7 +243,7 @@ def recompute_texture(r, size):
     iv = r.image_vertices - np.array([x0, y0, 0], dtype=np.float32)
     ras = render.rasterize(iv, fm.triangles, y1 - y0, x1 - x0)
     facing = (r.normals @ r.camera["rotation"].T)[:, 2]
-    tol = max(1.0, OCCLUSION_TOLERANCE_MM * r.camera["scale"])
+    tol = render.occlusion_tolerance(r.camera["scale"])
     return texture.make_texture(r.image[y0:y1, x0:x1], iv, facing, fm.uvs, fm.triangles, ras.depth, size, tol)
 
 
@@ -383,7 +382,7 @@ def test_renders_equal_a_full_photo_rasterization(reconstructed, photos_dir, tmp
     np.testing.assert_array_equal(r.depth[r.mask], ras.depth[ras.mask])
     pncc = render.interpolate(ras, fm.triangles, render.pncc_colors(fm.mean_mm))
     np.testing.assert_array_equal(r.pncc, (np.clip(pncc[:, :, ::-1], 0, 1) * 255 + 0.5).astype(np.uint8))
-    tol = max(1.0, OCCLUSION_TOLERANCE_MM * r.camera["scale"])
+    tol = render.occlusion_tolerance(r.camera["scale"])
     np.testing.assert_array_equal(r.vertex_visible, render.visible_vertices(ras, iv, tol))
     facing = (r.normals @ r.camera["rotation"].T)[:, 2]
     tex, _ = texture.make_texture(r.image, iv, facing, fm.uvs, fm.triangles, ras.depth, 256, tol)

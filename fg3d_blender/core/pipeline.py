@@ -16,7 +16,6 @@ import numpy as np
 from . import detect, morphable, render, texture
 from .image_io import load_image
 
-OCCLUSION_TOLERANCE_MM = 6.0  # a surface point this close behind the z-buffer still counts as visible
 ProgressFn = Callable[[str, float], None]
 
 
@@ -96,7 +95,7 @@ def reconstruct(photo: Union[str, os.PathLike, np.ndarray], face_index: Optional
         pncc_rgb = render.interpolate(ras, fm.triangles, render.pncc_colors(fm.mean_mm))
         pncc = np.zeros((h, w, 3), dtype=np.uint8)
         pncc[win] = (np.clip(pncc_rgb[:, :, ::-1], 0, 1) * 255 + 0.5).astype(np.uint8)
-        tol = max(1.0, OCCLUSION_TOLERANCE_MM * fit.scale)
+        tol = render.occlusion_tolerance(fit.scale)
         visible = render.visible_vertices(ras, iv_win, tol)
         normals = render.vertex_normals(vertices, fm.triangles)
         facing = (normals @ fit.rotation.T)[:, 2]

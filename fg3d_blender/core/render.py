@@ -77,6 +77,14 @@ def bounding_window(image_vertices: np.ndarray, height: int, width: int, margin:
     return x0, y0, x1, y1
 
 
+OCCLUSION_TOLERANCE_MM = 6.0  # a surface point this close behind the z-buffer still counts as visible
+
+
+def occlusion_tolerance(px_per_mm: float) -> float:
+    """The z-buffer tolerance in pixels for a face drawn at ``px_per_mm`` (at least 1 px)."""
+    return max(1.0, OCCLUSION_TOLERANCE_MM * px_per_mm)
+
+
 def visible_vertices(r: Raster, image_vertices: np.ndarray, tolerance: float) -> np.ndarray:
     """Vertices inside the photo whose depth is within ``tolerance`` px of the z-buffer."""
     h, w = r.depth.shape

@@ -27,7 +27,6 @@ from . import morphable, render, texture
 
 PAF_K = 3
 PAF_PX_PER_MM = 1.2          # photos with a finer face scale are downscaled to this (UTKFace crops: ≈1.2)
-OCCLUSION_TOLERANCE_MM = 6.0  # the pipeline's z-buffer tolerance
 
 _range_lock = threading.Lock()
 _shape_range: Optional[Tuple[float, float]] = None
@@ -91,7 +90,7 @@ def visibility_map(image_shape, image_vertices: np.ndarray, facing: np.ndarray, 
     ras = render.rasterize(image_vertices, fm.triangles, h, w)
     r = render.uv_raster(fm.uvs, fm.triangles, size)
     face_uv = render.interpolate(r, fm.triangles, facing)
-    tol = max(1.0, OCCLUSION_TOLERANCE_MM * px_per_mm)
+    tol = render.occlusion_tolerance(px_per_mm)
     vis = texture.texel_visibility(positions, r.mask, ras.depth, tol, face_uv)
     return np.where(vis, np.clip(face_uv, 0.0, 1.0), 0.0).astype(np.float32)
 
