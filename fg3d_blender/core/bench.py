@@ -57,15 +57,10 @@ def balanced(errors: np.ndarray, yaws_deg: np.ndarray) -> dict:
 
 def _fit_landmarks(image, start_landmarks, passes, refine, refit=True):
     from . import morphable
-    from .refine import refine as refine_stage
-    fm = morphable.face_model()
+    from .pipeline import refined_shape
     fit = morphable.fit_3dmm(image, start_landmarks, passes=passes, refit=refit)
-    verts = fit.vertices
-    if refine:
-        out = refine_stage(image, fit)
-        if out is not None:
-            verts = out
-    return fit.project(verts[fm.keypoints])[:, :2]
+    verts = refined_shape(image, fit)[0] if refine else fit.vertices
+    return fit.project(verts[morphable.face_model().keypoints])[:, :2]
 
 
 def _fallback_start(image) -> np.ndarray:

@@ -9,7 +9,7 @@ import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Union
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import numpy as np
 
@@ -45,6 +45,13 @@ class Result:
     timings: Dict[str, float] = field(default_factory=dict)
 
 
+def refined_shape(image: np.ndarray, fit) -> Tuple[np.ndarray, bool]:
+    """The FGNet stage: (refined vertices, True), or (the fit's vertices, False) without FGNet weights."""
+    from .refine import refine as fgnet_refine
+    out = fgnet_refine(image, fit)
+    return (fit.vertices, False) if out is None else (out, True)
+
+
 @contextmanager
 def _timed(timings: Dict[str, float], name: str):
     t0 = time.perf_counter()
@@ -70,15 +77,11 @@ def reconstruct(photo: Union[str, os.PathLike, np.ndarray], face_index: Optional
         fit = morphable.fit_3dmm(image, face.landmarks, passes=passes)
         fm = morphable.face_model()
     coarse = fit.vertices
-    vertices = coarse
-    refined = False
+    vertices, refined = coarse, False
     if refine:
         say("refine", 0.5)
-        from . import refine as refine_stage
         with _timed(t, "refine"):
-            out = refine_stage.refine(image, fit)
-        if out is not None:
-            vertices, refined = out, True
+            vertices, refined = refined_shape(image, fit)
     say("render", 0.7)
     h, w = image.shape[:2]
     with _timed(t, "render"):
