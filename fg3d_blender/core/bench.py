@@ -216,13 +216,15 @@ def run_heldout(args) -> dict:
         raise FG3DError("no FGNet weights installed (models/fgnet.json)")
     size = int(info["uv_size"])
     cache = Path(args.cache)
-    if args.photos:
-        train_fgnet.build_cache(train_fgnet.list_photos(Path(args.photos)), cache, size)
+    if args.photos:  # only the held-out photos are needed here
+        photos = [p for p in train_fgnet.list_photos(Path(args.photos)) if train_fgnet.is_holdout(p.name)]
+        train_fgnet.build_cache(photos, cache, size)
     data = train_fgnet.load_cache(cache)
     held = np.flatnonzero([train_fgnet.is_holdout(str(n)) for n in data["names"]])
     if args.limit:
         held = held[:args.limit]
     batcher = train_fgnet.Batcher(data, size, torch.device("cpu"))
-    out = train_fgnet.evaluate(net, batcher, train_fgnet.Losses(batcher.uvm, "cpu"), held)
-    out.update({"weights": info["file"], "uv_size": size})
+    sigma = info.get("detail_highpass_sigma")
+    out = train_fgnet.evaluate(net, batcher, train_fgnet.Losses(batcher.uvm, "cpu"), held, highpass_sigma=sigma)
+    out.update({"weights": info["file"], "uv_size": size, "detail_highpass_sigma": sigma})
     return out

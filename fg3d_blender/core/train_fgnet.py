@@ -326,8 +326,12 @@ def detail_mm(d: np.ndarray, mask: np.ndarray, sigma: float) -> float:
     return float(np.linalg.norm(hf, axis=-1)[mask].mean()) if mask.any() else 0.0
 
 
-def evaluate(net, batcher: Batcher, losses: Losses, idx: np.ndarray, batch: int = 16) -> dict:
-    """Held-out photometric error and landmark NME (vs dlib), coarse vs refined, and the detail measure."""
+def evaluate(net, batcher: Batcher, losses: Losses, idx: np.ndarray, batch: int = 16,
+             highpass_sigma: Optional[float] = None) -> dict:
+    """Held-out photometric error and landmark NME (vs dlib), coarse vs refined, and the detail measure.
+
+    ``highpass_sigma``: score the difference the pipeline applies (``refine.detail_part``) instead of the
+    network's whole output."""
     import torch
     if len(idx) == 0:
         return {"n": 0}
@@ -338,6 +342,11 @@ def evaluate(net, batcher: Batcher, losses: Losses, idx: np.ndarray, batch: int 
         for s in range(0, len(idx), batch):
             b = batcher.batch(idx[s:s + batch])
             d = net(b["paf"], b["vis"], b["shape"]).float()
+            if highpass_sigma:
+                from .refine import detail_part
+                dn = np.stack([detail_part(x, highpass_sigma, batcher.size)
+                               for x in d.permute(0, 2, 3, 1).cpu().numpy()])
+                d = torch.from_numpy(dn).permute(0, 3, 1, 2).to(d.device)
             for tag, dd in (("coarse", torch.zeros_like(d)), ("refined", d)):
                 p = b["p0"] + dd.permute(0, 2, 3, 1)
                 r, wt = losses.photometric_residual(p, b)
