@@ -141,7 +141,8 @@ def cmd_train_fgnet(args) -> int:
     res = train_fgnet.train(photos, out, steps=args.steps, resume=args.resume,
                             cache=Path(args.cache) if args.cache else None, width=args.width, size=args.uv_size,
                             batch=args.batch, lr=args.lr, checkpoint_every=args.checkpoint_every,
-                            eval_every=args.eval_every, log=lambda m: print(m, file=sys.stderr, flush=True))
+                            eval_every=args.eval_every, target=args.landmark_target, threads=args.threads,
+                            log=lambda m: print(m, file=sys.stderr, flush=True))
     print(json.dumps(res))
     return 0
 
@@ -180,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--checkpoint-every", type=int, default=100, metavar="N")
     t.add_argument("--eval-every", type=int, default=500, metavar="N", help="held-out evaluation (0 = only at the end)")
+    t.add_argument("--landmark-target", choices=["head", "dlib"], default="head",
+                   help="landmark loss target: the regressor's landmark head (default) or dlib's 68")
+    t.add_argument("--threads", type=int, default=1, help="CPU threads for torch (without CUDA)")
     t.set_defaults(func=cmd_train_fgnet)
     b = sub.add_parser("bench", help="benchmarks that print numbers (last line JSON with --json)")
     from .core import bench

@@ -67,6 +67,16 @@ def test_train_fgnet_command_builds_cache_trains_and_resumes(tmp_path):
     data = train_fgnet.load_cache(tmp_path / "w.cache")
     assert data["size"] == 64 and 8 <= len(data["names"]) <= 10
     assert data["landmarks"].shape[1:] == (68, 2) and np.isfinite(data["light"]).all()
+    # the default landmark target is the regressor's head, which the coarse refit approaches but (under
+    # its shape prior) does not reach: its error to the fit is below dlib's and above zero
+    from fg3d_blender.core import morphable
+    fm = morphable.face_model()
+    kp = np.stack([morphable.face_model().mean_mm[fm.keypoints] + fm.basis_um[fm.keypoints] / 1000.0 @ a
+                   for a in data["alpha"]])
+    proj = np.einsum("nkj,nij->nki", kp, data["A"].astype(np.float64))[..., :2] + data["b"][:, None, :2]
+    to_head = np.linalg.norm(proj - data["head_landmarks"], axis=-1).mean()
+    to_dlib = np.linalg.norm(proj - data["landmarks"], axis=-1).mean()
+    assert 0.05 < to_head < to_dlib
     ckpt_path = f"{out}.ckpt"
     ck = torch.load(ckpt_path, weights_only=True)
     assert ck["step"] == 2
@@ -78,6 +88,14 @@ def test_train_fgnet_command_builds_cache_trains_and_resumes(tmp_path):
     models.mkdir()
     info = train_fgnet.install_weights(out, models)
     assert json.loads((models / "fgnet.json").read_text())["sha256"] == info["sha256"]
+    assert info["landmark_target"] == "head"
+    # a cache from an older version is refused with a message, not silently mixed in
+    shard = next((tmp_path / "w.cache").glob("shard_*.npz"))
+    old = dict(np.load(shard))
+    old["version"] = np.array(train_fgnet.CACHE_VERSION - 1)
+    np.savez(shard, **old)
+    with pytest.raises(ValueError, match="older version"):
+        train_fgnet.load_cache(tmp_path / "w.cache")
 
 
 def test_consistency_alignment_removes_similarity_transforms():

@@ -154,10 +154,12 @@ def add_fgnet_arguments(sub) -> None:
     c.add_argument("--no-refine", action="store_true")
     c.add_argument("--json", action="store_true")
     h = sub.add_parser("heldout", help="FGNet on the held-out training photos: photometric error, landmark "
-                                       "NME vs dlib, coarse vs refined, and the detail measure (mm)")
+                                       "NME, coarse vs refined, and the detail measure (mm)")
     h.add_argument("--cache", required=True, help="the train-fgnet cache folder")
     h.add_argument("--photos", help="photo folder to (re)build the cache from when it is incomplete")
     h.add_argument("--limit", type=int, default=0)
+    h.add_argument("--landmark-target", choices=["head", "dlib"], default="head",
+                   help="landmarks the NME is measured against (the regressor's landmark head, or dlib's)")
     h.add_argument("--json", action="store_true")
 
 
@@ -223,8 +225,9 @@ def run_heldout(args) -> dict:
     held = np.flatnonzero([train_fgnet.is_holdout(str(n)) for n in data["names"]])
     if args.limit:
         held = held[:args.limit]
-    batcher = train_fgnet.Batcher(data, size, torch.device("cpu"))
+    batcher = train_fgnet.Batcher(data, size, torch.device("cpu"), args.landmark_target)
     sigma = info.get("detail_highpass_sigma")
-    out = train_fgnet.evaluate(net, batcher, train_fgnet.Losses(batcher.uvm, "cpu"), held, highpass_sigma=sigma)
+    losses = train_fgnet.Losses(batcher.uvm, "cpu", target=args.landmark_target)
+    out = train_fgnet.evaluate(net, batcher, losses, held, highpass_sigma=sigma)
     out.update({"weights": info["file"], "uv_size": size, "detail_highpass_sigma": sigma})
     return out

@@ -128,6 +128,7 @@ class Fit:
     vertices: np.ndarray   # (N,3) float32 identity shape, mm, BFM frame (x right, y up, z to the viewer)
     A: np.ndarray          # (3,3) image_vertices = vertices @ A.T + b  (x col, y row, z toward camera, px)
     b: np.ndarray          # (3,)
+    head_landmarks: Optional[np.ndarray] = None  # (68,2) the landmark head's prediction (last pass), image px
 
     def project(self, vertices: np.ndarray) -> np.ndarray:
         return (vertices @ self.A.T + self.b).astype(np.float32)
@@ -245,13 +246,14 @@ def refit_to_landmarks(fit: Fit, landmarks: np.ndarray, prior: float = REFIT_PRI
     params = fit.params.copy()
     params[12:52] = alpha
     return Fit(params=params, roi_box=fit.roi_box, vertices=fm.shape_mm(alpha.astype(np.float32)), A=A,
-               b=np.array([b2[0], b2[1], fit.b[2]]))
+               b=np.array([b2[0], b2[1], fit.b[2]]), head_landmarks=fit.head_landmarks)
 
 
 def fit_3dmm(image: np.ndarray, landmarks: np.ndarray, passes: int = 2, refit: bool = True) -> Fit:
     """Regress the 3DMM from a crop around ``landmarks``; later passes re-crop from the fit's own 68.
 
-    With ``refit`` the camera and shape are then refitted to the regressor's landmark head.
+    With ``refit`` the camera and shape are then refitted to the regressor's landmark head, whose
+    last-pass prediction is kept in ``Fit.head_landmarks`` (FGNet's landmark target in training).
     """
     fm = face_model()
     roi = roi_from_landmarks(landmarks)
@@ -259,8 +261,8 @@ def fit_3dmm(image: np.ndarray, landmarks: np.ndarray, passes: int = 2, refit: b
     for _ in range(max(1, passes)):
         params, lm = regress(crop_resize(image, roi)[None])
         fit = decode(params[0], roi)
+        fit.head_landmarks = (lm[0] * ((roi[2] - roi[0]) / CROP_SIZE) + roi[:2]).astype(np.float32)
         if refit:
-            scale = (roi[2] - roi[0]) / CROP_SIZE
-            fit = refit_to_landmarks(fit, lm[0] * scale + roi[:2])
+            fit = refit_to_landmarks(fit, fit.head_landmarks)
         roi = roi_from_landmarks(fit.project(fit.vertices[fm.keypoints])[:, :2])
     return fit
