@@ -61,17 +61,62 @@ def _model() -> Tuple[Optional[object], Optional[dict]]:
         return _state["net"], _state["info"]
 
 
-def shape_difference(image: np.ndarray, fit) -> Optional[np.ndarray]:
-    """The network's UV shape-difference map (S,S,3) in mm, or None without weights."""
+def shape_difference(image: np.ndarray, fit, flip: Optional[bool] = None) -> Optional[np.ndarray]:
+    """The network's UV shape-difference map (S,S,3) in mm, or None without weights.
+
+    With ``flip`` (default: the manifest's ``flip_average``) the network also runs on the mirrored
+    inputs, in the same batch, and the two predictions are averaged (see ``mirror_inputs``)."""
     import torch
     from .uv_inputs import uv_inputs
     net, info = _model()
     if net is None:
         return None
-    inp = uv_inputs(image, fit, int(info["uv_size"]))
+    if flip is None:
+        flip = bool(info.get("flip_average", False))
+    x = uv_inputs(image, fit, int(info["uv_size"])).tensors()
+    if flip:
+        x = [torch.cat([a, m]) for a, m in zip(x, mirror_inputs(*x))]
     with torch.inference_mode():
-        d = net(*inp.tensors())[0]
-    return np.ascontiguousarray(d.permute(1, 2, 0).numpy(), dtype=np.float32)
+        d = net(*x)
+    if flip:
+        d = 0.5 * (d[:1] + mirror_difference(d[1:]))
+    return np.ascontiguousarray(d[0].permute(1, 2, 0).numpy(), dtype=np.float32)
+
+
+def mirror_inputs(paf, vis, shape):
+    """FGNet's inputs (B,C,H,W tensors) for the same face mirrored left-right.
+
+    The BFM UV layout is symmetric (each vertex's mirror partner sits at (1 − u, v)), so mirroring the
+    face flips the maps' columns; the PAF image's k×k blocks flip with them (the mirrored photo's
+    neighbourhoods).  The shape offset (from the BFM mean) changes the sign of its x component, and
+    takes up the mean's own small asymmetry (``mean_asymmetry_um``)."""
+    import torch
+    from .uv_inputs import shape_range_um
+    lo, hi = shape_range_um()
+    off = shape.flip(-1) * (hi - lo) + lo
+    off[:, 0] = -off[:, 0]
+    off = off + torch.from_numpy(mean_asymmetry_um(shape.shape[-1])).permute(2, 0, 1)
+    return paf.flip(-1), vis.flip(-1), ((off - lo) / (hi - lo)).clamp(0.0, 1.0)
+
+
+def mean_asymmetry_um(size: int) -> np.ndarray:
+    """(S,S,3) µm: the BFM mean mirrored (x negated, columns flipped) minus the mean, in UV space."""
+    with _lock:
+        key = ("asym", size)
+        if key not in _state:
+            from . import morphable, render
+            fm = morphable.face_model()
+            m = render.to_uv(fm.mean_um.astype(np.float32), fm.uvs, fm.triangles, size)
+            mirrored = m[:, ::-1] * np.array([-1.0, 1.0, 1.0], np.float32)
+            _state[key] = np.ascontiguousarray(mirrored - m, dtype=np.float32)
+        return _state[key]
+
+
+def mirror_difference(d):
+    """A predicted shape-difference map (B,3,S,S) of a mirrored face, mirrored back."""
+    d = d.flip(-1).clone()
+    d[:, 0] = -d[:, 0]
+    return d
 
 
 def refine(image: np.ndarray, fit) -> Optional[np.ndarray]:
