@@ -150,39 +150,3 @@ def test_large_photo_is_sampled_at_the_canonical_scale():
     assert inp.scale < 1.0
     assert abs(fit.scale * inp.scale - uv_inputs.PAF_PX_PER_MM) < 0.05
 
-
-def test_mirrored_inputs_match_the_mirrored_photo():
-    """``refine.mirror_inputs`` (used for the flip average) gives what ``uv_inputs`` makes of the
-    left-right mirrored photo with the mirrored fit."""
-    from scipy.spatial import cKDTree
-    from fg3d_blender.core import detect, morphable, refine, uv_inputs
-    from fg3d_blender.core.image_io import load_image
-    image = load_image(PHOTO)
-    fit = morphable.fit_3dmm(image, detect.select_face(detect.detect_faces(image), None).landmarks)
-    fm = morphable.face_model()
-    # each vertex's left-right partner, and the fit of the mirrored photo built from it
-    _, partner = cKDTree(fm.mean_mm).query(fm.mean_mm * np.array([-1.0, 1.0, 1.0]))
-    flip = np.diag([-1.0, 1.0, 1.0])
-    w = image.shape[1]
-    mfit = morphable.Fit(params=fit.params, roi_box=fit.roi_box,
-                         vertices=(fit.vertices[partner] @ flip).astype(np.float32),
-                         A=flip @ fit.A @ flip, b=np.array([w - 1 - fit.b[0], fit.b[1], fit.b[2]]))
-    mirrored = uv_inputs.uv_inputs(np.ascontiguousarray(image[:, ::-1]), mfit, 64).tensors()
-    predicted = refine.mirror_inputs(*uv_inputs.uv_inputs(image, fit, 64).tensors())
-    vis_seen = (mirrored[1] > 0) & (predicted[1] > 0)
-    assert float(vis_seen.float().mean()) > 0.9 * float((mirrored[1] > 0).float().mean())
-    assert float((mirrored[1] - predicted[1]).abs().mean()) < 0.01
-    # the shape offset: within the vertex-partner approximation of this test (≈0.5 mm), and far closer
-    # than the plain column flip (no sign change of x, no mean asymmetry)
-    shape_err = float((mirrored[2] - predicted[2]).abs().mean())
-    naive_err = float((mirrored[2] - uv_inputs.uv_inputs(image, fit, 64).tensors()[2].flip(-1)).abs().mean())
-    assert shape_err < 0.03 and shape_err < 0.5 * naive_err
-    paf_err = (mirrored[0] - predicted[0]).abs().mean(1, keepdim=True)
-    seen = torch.nn.functional.interpolate(vis_seen.float(), scale_factor=3) > 0
-    assert float(paf_err[seen].mean()) < 0.01
-    # the k×k blocks must flip too: flipping whole blocks only (not their samples) is measurably off
-    s = 64
-    blocks = predicted[0].view(1, 3, s, 3, s, 3).flip(3, 5).reshape(1, 3, 3 * s, 3 * s)
-    assert float((mirrored[0] - blocks).abs().mean(1, keepdim=True)[seen].mean()) > 1.5 * float(paf_err[seen].mean())
-    d = torch.rand(1, 3, 8, 8)
-    assert torch.equal(refine.mirror_difference(refine.mirror_difference(d)), d)

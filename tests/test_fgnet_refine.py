@@ -40,6 +40,11 @@ def test_refine_moves_the_coarse_shape_within_bounds():
     assert 0.01 < d.mean() < 5.0 and d.max() < 25.0
     again = refine_stage.refine(image, fit)
     assert np.array_equal(out, again)  # deterministic (eval mode, no dropout)
+    # what the landmark loss taught it: the refined mesh's 68 points land closer to the landmark head's
+    # prediction, which the coarse refit only approaches under its shape prior
+    kp = morphable.face_model().keypoints
+    err = lambda v: float(np.linalg.norm(fit.project(v[kp])[:, :2] - fit.head_landmarks, axis=1).mean())
+    assert err(out) < 0.9 * err(fit.vertices)
 
 
 def test_pipeline_uses_fgnet_by_default_and_no_refine_skips_it():
@@ -114,12 +119,3 @@ def test_consistency_alignment_removes_similarity_transforms():
     bumped[0][:1000] += 2.0  # one view differs locally
     dev = shape_consistency(bumped)
     assert dev[0] > 0.02 and dev[0] > dev[1:].max()
-
-
-def test_pose_weight_fades_outside_the_training_poses():
-    w = refine_stage.pose_weight
-    assert w(0.0, [30, 45]) == 1.0 and w(-30.0, [30, 45]) == 1.0
-    assert abs(w(37.5, [30, 45]) - 0.5) < 1e-9 and w(-60.0, [30, 45]) == 0.0
-    assert w(80.0, None) == 1.0
-    info = refine_stage.model_info()
-    assert info["yaw_support_deg"][0] < info["yaw_support_deg"][1]

@@ -226,8 +226,7 @@ def run_heldout(args) -> dict:
     if args.limit:
         held = held[:args.limit]
     batcher = train_fgnet.Batcher(data, size, torch.device("cpu"), args.landmark_target)
-    sigma = info.get("detail_highpass_sigma")
     losses = train_fgnet.Losses(batcher.uvm, "cpu", target=args.landmark_target)
-    out = train_fgnet.evaluate(net, batcher, losses, held, highpass_sigma=sigma)
-    out.update({"weights": info["file"], "uv_size": size, "detail_highpass_sigma": sigma})
+    out = train_fgnet.evaluate(net, batcher, losses, held)
+    out.update({"weights": info["file"], "uv_size": size})
     return out

@@ -339,13 +339,9 @@ def detail_mm(d: np.ndarray, mask: np.ndarray, sigma: float) -> float:
     return float(np.linalg.norm(hf, axis=-1)[mask].mean()) if mask.any() else 0.0
 
 
-def evaluate(net, batcher: Batcher, losses: Losses, idx: np.ndarray, batch: int = 16,
-             highpass_sigma: Optional[float] = None) -> dict:
+def evaluate(net, batcher: Batcher, losses: Losses, idx: np.ndarray, batch: int = 16) -> dict:
     """Held-out photometric error and landmark NME (vs the batcher's target), coarse vs refined, and the
-    detail measure.
-
-    ``highpass_sigma``: score the difference the pipeline applies (``refine.detail_part``) instead of the
-    network's whole output."""
+    detail measure."""
     import torch
     if len(idx) == 0:
         return {"n": 0}
@@ -356,11 +352,6 @@ def evaluate(net, batcher: Batcher, losses: Losses, idx: np.ndarray, batch: int 
         for s in range(0, len(idx), batch):
             b = batcher.batch(idx[s:s + batch])
             d = net(b["paf"], b["vis"], b["shape"]).float()
-            if highpass_sigma:
-                from .refine import detail_part
-                dn = np.stack([detail_part(x, highpass_sigma, batcher.size)
-                               for x in d.permute(0, 2, 3, 1).cpu().numpy()])
-                d = torch.from_numpy(dn).permute(0, 3, 1, 2).to(d.device)
             for tag, dd in (("coarse", torch.zeros_like(d)), ("refined", d)):
                 p = b["p0"] + dd.permute(0, 2, 3, 1)
                 r, wt = losses.photometric_residual(p, b)
@@ -492,8 +483,7 @@ def train(photos: Path, out: Path, steps: int = 2000, resume: bool = False, cach
             "landmark_target": target}
 
 
-def install_weights(src: Path, models: Path, name: Optional[str] = None, yaw_support=(30, 45),
-                    detail_highpass_sigma: Optional[float] = 4) -> dict:
+def install_weights(src: Path, models: Path, name: Optional[str] = None) -> dict:
     """Copy trained weights into ``models/`` and write ``models/fgnet.json`` (file, sha256, width, UV size)."""
     import shutil
     import torch
@@ -506,7 +496,6 @@ def install_weights(src: Path, models: Path, name: Optional[str] = None, yaw_sup
         shutil.copyfile(src, dst)
     info = {"file": name, "sha256": sha256_of(dst), "width": int(ck["width"]), "uv_size": int(ck["uv_size"]),
             "paf_k": int(ck["paf_k"]), "steps": int(ck["step"]), "bytes": dst.stat().st_size,
-            "yaw_support_deg": list(yaw_support), "detail_highpass_sigma": detail_highpass_sigma,
             "landmark_target": str(ck.get("landmark_target", "dlib"))}
     (models / "fgnet.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return info
