@@ -85,6 +85,21 @@ def test_no_face_in_a_real_photo_without_a_face(photos_dir):
         detect.select_face([], None, "shirt.jpg")
 
 
+def test_a_small_face_in_a_12_megapixel_photo_is_found_with_accurate_landmarks(photos_dir):
+    """A real portrait shrunk to a 100 px face and pasted into a 4032×3024 photo: at the 1280 px
+    detection copy it is ~32 px, too small for HOG; the larger second copy finds it."""
+    a = load_image(photos_dir / "london_faces" / "002_03_neutral.jpg")
+    ref = detect.detect_faces(a)[0]
+    s = 100.0 / (ref.box[2] - ref.box[0])
+    small = cv2.resize(a, None, fx=s, fy=s, interpolation=cv2.INTER_AREA)
+    big = np.full((3024, 4032, 3), 127, np.uint8)
+    big[1200:1200 + small.shape[0], 1800:1800 + small.shape[1]] = small
+    faces = detect.detect_faces(big)
+    assert len(faces) == 1 and faces[0].detector == "hog"
+    err = np.linalg.norm(faces[0].landmarks - (ref.landmarks * s + [1800, 1200]), axis=1).mean()
+    assert err < 2.5
+
+
 def two_faces(photos_dir):
     """Two real London-set portraits side by side, the left one larger."""
     a = load_image(photos_dir / "london_faces" / "001_03_neutral.jpg")
