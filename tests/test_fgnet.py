@@ -149,4 +149,3 @@ def test_large_photo_is_sampled_at_the_canonical_scale():
     inp = uv_inputs.uv_inputs(big, fit, 64)
     assert inp.scale < 1.0
     assert abs(fit.scale * inp.scale - uv_inputs.PAF_PX_PER_MM) < 0.05
-

@@ -76,8 +76,7 @@ def test_train_fgnet_command_builds_cache_trains_and_resumes(tmp_path):
     # its shape prior) does not reach: its error to the fit is below dlib's and above zero
     from fg3d_blender.core import morphable
     fm = morphable.face_model()
-    kp = np.stack([morphable.face_model().mean_mm[fm.keypoints] + fm.basis_um[fm.keypoints] / 1000.0 @ a
-                   for a in data["alpha"]])
+    kp = np.stack([fm.shape_mm(a)[fm.keypoints] for a in data["alpha"]])
     proj = np.einsum("nkj,nij->nki", kp, data["A"].astype(np.float64))[..., :2] + data["b"][:, None, :2]
     to_head = np.linalg.norm(proj - data["head_landmarks"], axis=-1).mean()
     to_dlib = np.linalg.norm(proj - data["landmarks"], axis=-1).mean()
@@ -101,6 +100,9 @@ def test_train_fgnet_command_builds_cache_trains_and_resumes(tmp_path):
     np.savez(shard, **old)
     with pytest.raises(ValueError, match="older version"):
         train_fgnet.load_cache(tmp_path / "w.cache")
+    # and rebuilt when the photos are given again (only that shard)
+    train_fgnet.build_cache(train_fgnet.list_photos(photos), tmp_path / "w.cache", 64, log=lambda m: None)
+    assert len(train_fgnet.load_cache(tmp_path / "w.cache")["names"]) == len(data["names"])
 
 
 def test_consistency_alignment_removes_similarity_transforms():

@@ -77,14 +77,13 @@ def detect_faces(image_bgr: np.ndarray, use_cnn: bool = True) -> List[Face]:
     gray_full = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2GRAY)
     gray, s = _resized(gray_full, DETECT_MAX_SIDE)
     rects, scores, kind = [], [], "hog"
-    attempts = [(gray, s, 0)]
+    attempts = [(DETECT_MAX_SIDE, 0)]
     if max(gray.shape) <= 800:
-        attempts.append((gray, s, 1))
+        attempts.append((DETECT_MAX_SIDE, 1))
     if max(gray_full.shape) > DETECT_MAX_SIDE:
-        attempts.append((None, 0.0, 0))  # the larger copy, made only when needed
-    for g, gs, upsample in attempts:
-        if g is None:
-            g, gs = _resized(gray_full, DETECT_LARGE_SIDE)
+        attempts.append((DETECT_LARGE_SIDE, 0))
+    for side, upsample in attempts:
+        g, gs = (gray, s) if side == DETECT_MAX_SIDE else _resized(gray_full, side)
         dets, sc, _ = m["hog"].run(g, upsample, 0.0)
         if len(dets):
             rects, scores, gray, s = list(dets), list(sc), g, gs

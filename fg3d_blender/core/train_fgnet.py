@@ -131,13 +131,14 @@ def _load_fixed(path: Path, side: int) -> np.ndarray:
 
 def build_cache(photos: List[Path], cache: Path, size: int, worker: int = 0, workers: int = 1,
                 side: int = 200, log=print) -> None:
-    """Write ``shard_XXX.npz`` files (``SHARD`` photos each); existing shards are kept (resume)."""
+    """Write ``shard_XXX.npz`` files (``SHARD`` photos each); existing shards of this version and UV size
+    are kept (resume), others are rebuilt."""
     from . import detect
     cache.mkdir(parents=True, exist_ok=True)
     n_shards = math.ceil(len(photos) / SHARD)
     for si in range(worker, n_shards, workers):
         out = cache / f"shard_{si:03d}.npz"
-        if out.is_file():
+        if out.is_file() and _shard_meta(out) == (CACHE_VERSION, size):
             continue
         recs, names, images = [], [], []
         t0 = time.perf_counter()
@@ -162,20 +163,25 @@ def build_cache(photos: List[Path], cache: Path, size: int, worker: int = 0, wor
         log(f"cache shard {si + 1}/{n_shards}: {len(recs)} faces in {time.perf_counter() - t0:.0f} s")
 
 
+def _shard_meta(path: Path) -> tuple:
+    """(cache version, UV size) of a shard, read without loading its arrays."""
+    with np.load(path, allow_pickle=False) as z:
+        return int(z["version"]), int(z["size"])
+
+
 def load_cache(cache: Path) -> dict:
     files = sorted(cache.glob("shard_*.npz"))
     if not files:
         raise FileNotFoundError(cache)
-    parts = [dict(np.load(f, allow_pickle=False)) for f in files]
-    old = [f.name for f, p in zip(files, parts) if int(p["version"]) != CACHE_VERSION]
+    old = [f.name for f in files if _shard_meta(f)[0] != CACHE_VERSION]
     if old:
         raise ValueError(f"cache {cache} was built by an older version ({', '.join(old[:3])}…); "
-                         f"delete the folder to rebuild it")
+                         f"delete the folder, or pass --photos, to rebuild it")
+    parts = [dict(np.load(f, allow_pickle=False)) for f in files]
     parts = [p for p in parts if len(p["names"])]
     out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0] if k not in ("size", "version")}
     out["size"] = int(parts[0]["size"])
     return out
-
 
 
 def is_holdout(name: str) -> bool:
