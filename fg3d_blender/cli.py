@@ -136,12 +136,18 @@ def cmd_train_fgnet(args) -> int:
     photos = Path(args.photos)
     if not photos.is_dir():
         raise FG3DError(f"{photos}: not a folder of photos")
+    if args.init and not Path(args.init).is_file():
+        raise FG3DError(f"{args.init}: no such weights file (--init)")
+    if args.views < 0 or args.views_per_batch < 1:
+        raise FG3DError("--views must be 0 or more and --views-per-batch 1 or more")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     res = train_fgnet.train(photos, out, steps=args.steps, resume=args.resume,
                             cache=Path(args.cache) if args.cache else None, width=args.width, size=args.uv_size,
                             batch=args.batch, lr=args.lr, checkpoint_every=args.checkpoint_every,
                             eval_every=args.eval_every, target=args.landmark_target, threads=args.threads,
+                            init=Path(args.init) if args.init else None, views=args.views,
+                            views_per_batch=args.views_per_batch, view_weight=args.view_weight,
                             log=lambda m: print(m, file=sys.stderr, flush=True))
     print(json.dumps(res))
     return 0
@@ -184,6 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--landmark-target", choices=["head", "dlib"], default="head",
                    help="landmark loss target: the regressor's landmark head (default) or dlib's 68")
     t.add_argument("--threads", type=int, default=1, help="CPU threads for torch (without CUDA)")
+    t.add_argument("--init", metavar="FILE", help="start from these weights (fine-tune); they also refine "
+                   "the shapes drawn in the synthetic views")
+    t.add_argument("--views", type=int, default=0, metavar="N",
+                   help="add N synthetic views of training photos, turned away from the camera, whose 3D "
+                        "shape is known (0 = none)")
+    t.add_argument("--views-per-batch", type=int, default=4, metavar="N")
+    t.add_argument("--view-weight", type=float, default=0.06, help="weight of the views' 3D error, per mm")
     t.set_defaults(func=cmd_train_fgnet)
     b = sub.add_parser("bench", help="benchmarks that print numbers (last line JSON with --json)")
     from .core import bench

@@ -93,6 +93,23 @@ def test_train_fgnet_command_builds_cache_trains_and_resumes(tmp_path):
     info = train_fgnet.install_weights(out, models)
     assert json.loads((models / "fgnet.json").read_text())["sha256"] == info["sha256"]
     assert info["landmark_target"] == "head"
+    # fine-tuning with synthetic views: the views' geometry is the coarse fit refined by --init
+    out2 = tmp_path / "w2.pt"
+    args2 = ["train-fgnet", "--photos", str(photos), "--out", str(out2), "--cache", str(tmp_path / "w.cache"),
+             "--steps", "1", "--batch", "2", "--uv-size", "64", "--eval-every", "0", "--init", str(out),
+             "--views", "6", "--views-per-batch", "2"]
+    assert main(args2) == 0
+    views = train_fgnet.load_cache(tmp_path / "w.cache" / "views", "views_*.npz")
+    assert 4 <= len(views["names"]) <= 6 and all(str(n).startswith("view_") for n in views["names"])
+    assert views["target"].shape[1:] == (64, 64, 3) and views["head_landmarks"].shape[1:] == (68, 2)
+    # the coarse fit of a view misses its true shape by a plausible amount (mm, after similarity alignment)
+    uvm = train_fgnet.UVModel(64)
+    losses = train_fgnet.Losses(uvm, torch.device("cpu"))
+    b = train_fgnet.Batcher(views, 64, torch.device("cpu")).batch(np.arange(len(views["names"])))
+    err = losses.shape_error_mm(torch.zeros_like(b["shape"]), b).numpy()
+    assert np.isfinite(err).all() and 0.2 < err.mean() < 5.0
+    assert torch.load(out2, weights_only=True)["views"] == 6
+    assert main(args2[:-4] + ["--init", str(tmp_path / "none.pt")]) == 1  # one-line error, nothing trained
     # a cache from an older version is refused with a message, not silently mixed in
     shard = next((tmp_path / "w.cache").glob("shard_*.npz"))
     old = dict(np.load(shard))

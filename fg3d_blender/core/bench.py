@@ -163,8 +163,9 @@ def add_fgnet_arguments(sub) -> None:
     h.add_argument("--json", action="store_true")
 
 
-def similarity_align(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """src (N,3) moved onto dst by the least-squares similarity transform (Umeyama)."""
+def similarity_transform(src: np.ndarray, dst: np.ndarray):
+    """Least-squares similarity (Umeyama) taking src (N,3) onto dst: (scale, rotation (3,3), shift (3,)),
+    applied as ``scale * x @ rotation.T + shift``."""
     ms, md = src.mean(0), dst.mean(0)
     a, b = src - ms, dst - md
     u, sig, vt = np.linalg.svd(b.T @ a)
@@ -172,7 +173,13 @@ def similarity_align(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     e = np.diag([1.0, 1.0, d])
     r = u @ e @ vt
     scale = float((sig * np.diag(e)).sum() / (a * a).sum())
-    return (scale * a @ r.T + md).astype(np.float64)
+    return scale, r, md - scale * ms @ r.T
+
+
+def similarity_align(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """src (N,3) moved onto dst by the least-squares similarity transform."""
+    s, r, t = similarity_transform(src, dst)
+    return (s * np.asarray(src, np.float64) @ r.T + t).astype(np.float64)
 
 
 def shape_consistency(shapes: list, iterations: int = 5) -> np.ndarray:

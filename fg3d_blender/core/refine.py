@@ -60,17 +60,22 @@ def _model() -> Tuple[Optional[object], Optional[dict]]:
         return _state["net"], _state["info"]
 
 
-def shape_difference(image: np.ndarray, fit) -> Optional[np.ndarray]:
-    """The network's UV shape-difference map (S,S,3) in mm, or None without weights."""
+def network_difference(net, image: np.ndarray, fit, uv_size: int) -> np.ndarray:
+    """A given network's UV shape-difference map (S,S,3) in mm for a photo and its fit."""
     import torch
     from .uv_inputs import uv_inputs
-    net, info = _model()
-    if net is None:
-        return None
-    inp = uv_inputs(image, fit, int(info["uv_size"]))
+    inp = uv_inputs(image, fit, uv_size)
     with torch.inference_mode():
         d = net(*inp.tensors())[0]
     return np.ascontiguousarray(d.permute(1, 2, 0).numpy(), dtype=np.float32)
+
+
+def shape_difference(image: np.ndarray, fit) -> Optional[np.ndarray]:
+    """The shipped network's UV shape-difference map (S,S,3) in mm, or None without weights."""
+    net, info = _model()
+    if net is None:
+        return None
+    return network_difference(net, image, fit, int(info["uv_size"]))
 
 
 def refine(image: np.ndarray, fit) -> Optional[np.ndarray]:

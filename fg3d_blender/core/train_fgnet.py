@@ -17,6 +17,13 @@
      dlib`` uses dlib's), normalised by the face size — this is where expression comes back, which the
      3DMM basis here lacks;
    * Laplacian smoothness of D and a magnitude prior on D.
+3. Synthetic views (``--views N``, usually a fine-tune with ``--init``): single photos carry no
+   multi-view signal, so the landmark loss alone teaches view-dependent corrections (each view's own 2D
+   evidence).  ``view_one`` re-renders a training photo's face, its coarse fit refined by the ``--init``
+   network, turned 10–30° further from the camera (``novel_view``), and runs the pipeline's coarse fit on
+   the render.  The drawn shape is known: its error after a similarity alignment (``shape_error_mm``)
+   is a 3D loss, added for ``--views-per-batch`` renders per step along with the four losses above
+   (the render's exact 68 points as landmark target).
 """
 from __future__ import annotations
 
@@ -169,8 +176,8 @@ def _shard_meta(path: Path) -> tuple:
         return int(z["version"]), int(z["size"])
 
 
-def load_cache(cache: Path) -> dict:
-    files = sorted(cache.glob("shard_*.npz"))
+def load_cache(cache: Path, pattern: str = "shard_*.npz") -> dict:
+    files = sorted(cache.glob(pattern))
     if not files:
         raise FileNotFoundError(cache)
     old = [f.name for f in files if _shard_meta(f)[0] != CACHE_VERSION]
@@ -179,7 +186,9 @@ def load_cache(cache: Path) -> dict:
                          f"delete the folder, or pass --photos, to rebuild it")
     parts = [dict(np.load(f, allow_pickle=False)) for f in files]
     parts = [p for p in parts if len(p["names"])]
-    out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0] if k not in ("size", "version")}
+    if not parts:
+        raise ValueError(f"cache {cache} holds no faces")
+    out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0] if k not in ("size", "version", "teacher")}
     out["size"] = int(parts[0]["size"])
     return out
 
@@ -188,6 +197,85 @@ def is_holdout(name: str) -> bool:
     """Deterministic ~5 % split by a hash of the file name (independent of the name's age prefix)."""
     import zlib
     return zlib.crc32(name.encode()) % 100 < int(HOLDOUT * 100)
+
+
+# ---- synthetic views with known geometry -----------------------------------------------------------
+
+VIEW_TURN_DEG = (10.0, 30.0)   # yaw change of a synthetic view, always away from the camera
+VIEW_PITCH_DEG = 10.0          # and a pitch change within ±this
+
+
+def view_one(data: dict, i: int, size: int, teacher=None) -> Optional[dict]:
+    """A cached photo's face re-rendered at a new pose (``novel_view``), as a cache record of the render
+    (the pipeline's coarse fit of it, exactly like ``cache_one``) plus what is true about it:
+
+    * ``target``: the drawn mesh, moved onto the render's coarse fit by a similarity transform, as a UV
+      map of image-space positions (px), so the error left is shape, not pose or size;
+    * ``head_landmarks``: the drawn mesh's 68 keypoints (the render's exact landmarks).
+
+    The drawn mesh is the photo's coarse fit plus ``teacher``'s refinement (a network, or None for the
+    coarse shape alone).  None when HOG finds no face in the render (or another one)."""
+    from . import bench, detect, novel_view, refine
+    fm = morphable.face_model()
+    rng = np.random.default_rng(int(i))
+    image = data["images"][i]
+    fit = morphable.Fit(params=np.zeros(62, np.float32), roi_box=np.zeros(4, np.float32),
+                        vertices=fm.shape_mm(data["alpha"][i]).astype(np.float32),
+                        A=data["A"][i].astype(np.float32), b=data["b"][i].astype(np.float32))
+    shape = fit.vertices
+    if teacher is not None:
+        d = refine.network_difference(teacher, image, fit, size)
+        shape = shape + render.from_uv(d, fm.uvs)
+    drawn = fit.project(shape)
+    yaw = novel_view.away_yaw(fit.pose_degrees["yaw"], rng.uniform(*VIEW_TURN_DEG), rng)
+    moved = novel_view.turned(drawn, yaw, rng.uniform(-VIEW_PITCH_DEG, VIEW_PITCH_DEG))
+    view, _ = novel_view.render_view(image, drawn, moved, fm.triangles)
+    truth = moved[fm.keypoints, :2]
+    faces = detect.detect_faces(view, use_cnn=False)
+    if not faces:
+        return None
+    face = min(faces, key=lambda f: np.linalg.norm(f.landmarks.mean(0) - truth.mean(0)))
+    if np.linalg.norm(face.landmarks.mean(0) - truth.mean(0)) > 0.1 * np.ptp(truth[:, 0]):
+        return None
+    rec = cache_one(view, face.landmarks, size)
+    coarse = fm.shape_mm(rec["alpha"]) @ rec["A"].T.astype(np.float64) + rec["b"]
+    sc, r, t = bench.similarity_transform(moved.astype(np.float64), coarse)
+    target = (sc * moved.astype(np.float64) @ r.T + t).astype(np.float32)
+    rec["target"] = render.to_uv(target, fm.uvs, fm.triangles, size)
+    rec["head_landmarks"] = truth.astype(np.float32)
+    rec["view_image"] = view
+    return rec
+
+
+def build_view_cache(data: dict, idx: np.ndarray, cache: Path, size: int, teacher=None, tag: str = "",
+                     log=print) -> None:
+    """``views_XXX.npz`` shards of ``view_one`` records for the cached photos ``idx`` (``SHARD`` each);
+    shards of this version, UV size and teacher ``tag`` are kept (resume), others are rebuilt."""
+    cache.mkdir(parents=True, exist_ok=True)
+    n_shards = math.ceil(len(idx) / SHARD)
+    for si in range(n_shards):
+        out = cache / f"views_{si:03d}.npz"
+        if out.is_file() and _shard_meta(out) == (CACHE_VERSION, size) and _shard_tag(out) == tag:
+            continue
+        t0 = time.perf_counter()
+        recs, names = [], []
+        for i in idx[si * SHARD:(si + 1) * SHARD]:
+            rec = view_one(data, int(i), size, teacher)
+            if rec is not None:
+                recs.append(rec)
+                names.append("view_" + str(data["names"][i]))
+        images = np.stack([r.pop("view_image") for r in recs]) if recs else np.zeros((0, 1, 1, 3), np.uint8)
+        arrays = {k: np.stack([r[k] for r in recs]) for k in recs[0]} if recs else {}
+        tmp = out.with_name(f".{out.stem}.{os.getpid()}.npz")
+        np.savez(tmp, names=np.array(names), images=images, size=np.array(size),
+                 version=np.array(CACHE_VERSION), teacher=np.array(tag), **arrays)
+        os.replace(tmp, out)
+        log(f"view shard {si + 1}/{n_shards}: {len(recs)} views in {time.perf_counter() - t0:.0f} s")
+
+
+def _shard_tag(path: Path) -> str:
+    with np.load(path, allow_pickle=False) as z:
+        return str(z["teacher"]) if "teacher" in z.files else ""
 
 
 # ---- training ------------------------------------------------------------------------------------
@@ -231,6 +319,8 @@ class Batcher:
              "rot": t([d["rot"][i] for i in idx]), "lm": t([d[self.lm_key][i] for i in idx]),
              "albedo": t([d["albedo"][i].astype(np.float32) for i in idx]), "light": t([d["light"][i] for i in idx]),
              "kp0": t([self.kp_mean + self.kp_basis @ d["alpha"][i] for i in idx])}
+        if "target" in d:
+            b["target"] = t([d["target"][i] for i in idx])
         return b
 
 
@@ -320,6 +410,13 @@ class Losses:
         wh = b["lm"].amax(1) - b["lm"].amin(1)
         return (q - b["lm"]).norm(dim=-1) / (wh[:, 0] * wh[:, 1]).sqrt().unsqueeze(1)
 
+    def shape_error_mm(self, d, b):
+        """(B,) mean distance (mm) of the refined face to a synthetic view's true shape (``target``)."""
+        q = self.project(b["p0"] + d.permute(0, 2, 3, 1), b)
+        scale = self.torch.linalg.det(b["A"]).abs().pow(1.0 / 3.0)
+        e = (q - b["target"]).norm(dim=-1) * self.inner
+        return e.sum((1, 2)) / self.inner.sum() / scale
+
     def __call__(self, d, b):
         torch = self.torch
         p = b["p0"] + d.permute(0, 2, 3, 1)
@@ -375,6 +472,23 @@ def evaluate(net, batcher: Batcher, losses: Losses, idx: np.ndarray, batch: int 
             "detail_mm": float(np.mean(det))}
 
 
+def evaluate_views(net, batcher: Batcher, losses: Losses, idx: np.ndarray, batch: int = 16) -> dict:
+    """Mean 3D shape error (mm) on synthetic views, coarse vs refined."""
+    import torch
+    if len(idx) == 0:
+        return {}
+    coarse, refined = [], []
+    net.eval()
+    with torch.inference_mode():
+        for s in range(0, len(idx), batch):
+            b = batcher.batch(idx[s:s + batch])
+            d = net(b["paf"], b["vis"], b["shape"]).float()
+            coarse.append(losses.shape_error_mm(torch.zeros_like(d), b).cpu().numpy())
+            refined.append(losses.shape_error_mm(d, b).cpu().numpy())
+    return {"views_n": int(len(idx)), "view_shape_mm_coarse": float(np.concatenate(coarse).mean()),
+            "view_shape_mm_refined": float(np.concatenate(refined).mean())}
+
+
 def recalibrate_bn(net, batcher: Batcher, idx: np.ndarray, batches: int = 40, batch: int = 16,
                    seed: int = 0) -> None:
     """Replace the BatchNorm running statistics by exact averages over ``batches`` training batches.
@@ -412,7 +526,14 @@ def save_weights(net, path: Path, meta: dict) -> str:
 
 def train(photos: Path, out: Path, steps: int = 2000, resume: bool = False, cache: Optional[Path] = None,
           width: int = 8, size: int = 128, batch: int = 8, lr: float = 1e-3, checkpoint_every: int = 100,
-          eval_every: int = 500, seed: int = 0, target: str = "head", threads: int = 1, log=print) -> dict:
+          eval_every: int = 500, seed: int = 0, target: str = "head", threads: int = 1,
+          init: Optional[Path] = None, views: int = 0, views_per_batch: int = 4, view_weight: float = 0.06,
+          log=print) -> dict:
+    """Train (or, with ``init``, fine-tune) FGNet on ``photos``; see the module docstring.
+
+    ``views`` > 0 adds that many synthetic views of training photos (``view_one``; their geometry is the
+    coarse fit plus ``init``'s refinement, or the coarse fit alone without ``init``), ``views_per_batch``
+    per step, with their 3D shape error weighted by ``view_weight`` per mm."""
     import torch
     from .fgnet import FGNet
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -430,10 +551,29 @@ def train(photos: Path, out: Path, steps: int = 2000, resume: bool = False, cach
     batcher = Batcher(data, size, device, target)
     losses = Losses(batcher.uvm, device, target=target)
     torch.manual_seed(seed)
+    teacher, tag = None, ""
+    if init is not None:
+        from .assets import sha256_of
+        from .fgnet import load_checkpoint
+        teacher, tag = load_checkpoint(init), sha256_of(Path(init))
+        width = teacher.width
     net = FGNet(width=width).to(device)
     net.set_bn_momentum(0.1)
-    torch.nn.init.zeros_(net.output_conv[0].weight)
-    torch.nn.init.zeros_(net.output_conv[0].bias)
+    if teacher is not None:
+        net.load_state_dict(teacher.state_dict())
+    else:
+        torch.nn.init.zeros_(net.output_conv[0].weight)
+        torch.nn.init.zeros_(net.output_conv[0].bias)
+    vbatcher, view_train, view_held = None, np.zeros(0, int), np.zeros(0, int)
+    if views > 0:
+        pick = np.random.default_rng(seed).permutation(train_idx)[:views]
+        held_pick = held_idx[:max(1, views // 20)]
+        build_view_cache(data, np.concatenate([pick, held_pick]), cache / "views", size, teacher, tag, log=log)
+        vdata = load_cache(cache / "views", "views_*.npz")
+        vhold = np.array([is_holdout(str(n)[len("view_"):]) for n in vdata["names"]])
+        view_train, view_held = np.flatnonzero(~vhold), np.flatnonzero(vhold)
+        vbatcher = Batcher(vdata, size, device, "head")
+        log(f"{len(vdata['names'])} synthetic views: {len(view_train)} train, {len(view_held)} held out")
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     ckpt = out.with_name(out.name + ".ckpt")
     step, history = 0, []
@@ -455,6 +595,13 @@ def train(photos: Path, out: Path, steps: int = 2000, resume: bool = False, cach
         b = batcher.batch(rng.choice(train_idx, batch, replace=False))
         d = net(b["paf"], b["vis"], b["shape"])
         total, parts = losses(d, b)
+        if vbatcher is not None:
+            bv = vbatcher.batch(rng.choice(view_train, min(views_per_batch, len(view_train)), replace=False))
+            dv = net(bv["paf"], bv["vis"], bv["shape"])
+            tv, _ = losses(dv, bv)
+            err = losses.shape_error_mm(dv, bv).mean()
+            total = total + tv * (len(bv["paf"]) / batch) + view_weight * err
+            parts["view_3d_mm"] = float(err.detach())
         opt.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
@@ -479,14 +626,19 @@ def train(photos: Path, out: Path, steps: int = 2000, resume: bool = False, cach
         if eval_every and step % eval_every == 0 and step < steps:
             recalibrate_bn(net, batcher, train_idx, seed=step)
             ev = evaluate(net, batcher, losses, held_idx[:256])
+            if vbatcher is not None:
+                ev.update(evaluate_views(net, vbatcher, losses, view_held))
             log("held-out: " + json.dumps(ev))
     recalibrate_bn(net, batcher, train_idx, batches=80, seed=step)
     ev = evaluate(net, batcher, losses, held_idx)
+    if vbatcher is not None:
+        ev.update(evaluate_views(net, vbatcher, losses, view_held))
     sha = save_weights(net, out, {"width": width, "uv_size": size, "paf_k": uv_inputs.PAF_K, "step": step,
-                                  "landmark_target": target, "heldout": json.dumps(ev)})
+                                  "landmark_target": target, "heldout": json.dumps(ev), "views": views,
+                                  "init_sha256": tag})
     log("final held-out: " + json.dumps(ev))
     return {"out": str(out), "sha256": sha, "steps": step, "heldout": ev, "device": str(device),
-            "landmark_target": target}
+            "landmark_target": target, "views": views, "init_sha256": tag}
 
 
 def install_weights(src: Path, models: Path, name: Optional[str] = None) -> dict:
@@ -503,6 +655,8 @@ def install_weights(src: Path, models: Path, name: Optional[str] = None) -> dict
     info = {"file": name, "sha256": sha256_of(dst), "width": int(ck["width"]), "uv_size": int(ck["uv_size"]),
             "paf_k": int(ck["paf_k"]), "steps": int(ck["step"]), "bytes": dst.stat().st_size,
             "landmark_target": str(ck.get("landmark_target", "dlib"))}
+    if int(ck.get("views", 0)):
+        info.update(views=int(ck["views"]), init_sha256=str(ck["init_sha256"]))
     (models / "fgnet.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return info
 
