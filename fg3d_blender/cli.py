@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add N synthetic views of training photos, turned away from the camera, whose 3D "
                         "shape is known (0 = none)")
     t.add_argument("--views-per-batch", type=int, default=4, metavar="N")
-    t.add_argument("--view-weight", type=float, default=0.06, help="weight of the views' 3D error, per mm")
+    t.add_argument("--view-weight", type=float, default=0.15, help="weight of the views' 3D error, per mm")
     t.set_defaults(func=cmd_train_fgnet)
     b = sub.add_parser("bench", help="benchmarks that print numbers (last line JSON with --json)")
     from .core import bench

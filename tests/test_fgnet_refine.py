@@ -40,11 +40,51 @@ def test_refine_moves_the_coarse_shape_within_bounds():
     assert 0.01 < d.mean() < 5.0 and d.max() < 25.0
     again = refine_stage.refine(image, fit)
     assert np.array_equal(out, again)  # deterministic (eval mode, no dropout)
-    # what the landmark loss taught it: the refined mesh's 68 points land closer to the landmark head's
-    # prediction, which the coarse refit only approaches under its shape prior
+    # what the landmark loss taught it: over the paper's example photos, the refined mesh's 68 points land
+    # closer to the landmark head's prediction, which the coarse refit only approaches under its shape
+    # prior (one photo may not: the views' 3D loss also moves keypoints)
     kp = morphable.face_model().keypoints
-    err = lambda v: float(np.linalg.norm(fit.project(v[kp])[:, :2] - fit.head_landmarks, axis=1).mean())
-    assert err(out) < 0.9 * err(fit.vertices)
+    errs = []
+    for p in sorted(PHOTO.parent.glob("*.jpg")):
+        img = load_image(p)
+        faces = detect.detect_faces(img)
+        if not faces:
+            continue
+        f = morphable.fit_3dmm(img, detect.select_face(faces, None).landmarks)
+        err = lambda v: float(np.linalg.norm(f.project(v[kp])[:, :2] - f.head_landmarks, axis=1).mean())
+        errs.append((err(f.vertices), err(refine_stage.refine(img, f))))
+    errs = np.array(errs)
+    assert len(errs) >= 15 and errs[:, 1].mean() < 0.9 * errs[:, 0].mean()
+
+
+def test_refine_removes_coarse_error_on_turned_views_of_unseen_faces(photos_dir):
+    """What the synthetic views taught it: a face of known shape (a London photo's refined mesh, turned
+    20° away and re-rendered) is fitted by the coarse stage, and the refinement brings the fit closer to
+    the true shape (mm, after a similarity alignment). London faces were never used in training."""
+    from fg3d_blender.core import bench, detect, morphable, novel_view
+    from fg3d_blender.core.image_io import load_image
+    fm = morphable.face_model()
+    ratios = []
+    for p in sorted((photos_dir / "london_faces").glob("*.jpg"))[:4]:
+        img = load_image(p)
+        fit = morphable.fit_3dmm(img, detect.select_face(detect.detect_faces(img), None).landmarks)
+        drawn = fit.project(refine_stage.refine(img, fit))
+        turn = novel_view.away_yaw(fit.pose_degrees["yaw"], 20.0, np.random.default_rng(0))
+        moved = novel_view.turned(drawn, turn)
+        view, _ = novel_view.render_view(img, drawn, moved, fm.triangles)
+        centre = moved[fm.keypoints, :2].mean(0)
+        face = min(detect.detect_faces(view, use_cnn=False),
+                   key=lambda f: np.linalg.norm(f.landmarks.mean(0) - centre))
+        fit2 = morphable.fit_3dmm(view, face.landmarks)
+
+        def error_mm(vertices):
+            q = fit2.project(vertices).astype(np.float64)
+            return np.linalg.norm(bench.similarity_align(moved.astype(np.float64), q) - q, axis=1).mean() / fit2.scale
+
+        coarse, refined = error_mm(fit2.vertices), error_mm(refine_stage.refine(view, fit2))
+        assert 0.2 < coarse < 5.0 and refined < coarse, (p.name, coarse, refined)
+        ratios.append(refined / coarse)
+    assert np.mean(ratios) < 0.85, ratios
 
 
 def test_pipeline_uses_fgnet_by_default_and_no_refine_skips_it():

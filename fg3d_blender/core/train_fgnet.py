@@ -20,10 +20,10 @@
 3. Synthetic views (``--views N``, usually a fine-tune with ``--init``): single photos carry no
    multi-view signal, so the landmark loss alone teaches view-dependent corrections (each view's own 2D
    evidence).  ``view_one`` re-renders a training photo's face, its coarse fit refined by the ``--init``
-   network, turned 10–30° further from the camera (``novel_view``), and runs the pipeline's coarse fit on
-   the render.  The drawn shape is known: its error after a similarity alignment (``shape_error_mm``)
-   is a 3D loss, added for ``--views-per-batch`` renders per step along with the four losses above
-   (the render's exact 68 points as landmark target).
+   network, turned 10–30° further from the camera and pitched ±10° (``novel_view``), and runs the
+   pipeline's coarse fit on the render.  The drawn shape is known: its error after a similarity
+   alignment (``shape_error_mm``) is a 3D loss, added for ``--views-per-batch`` renders per step along
+   with the four losses above (the render's exact 68 points as landmark target).
 """
 from __future__ import annotations
 
@@ -252,6 +252,7 @@ def build_view_cache(data: dict, idx: np.ndarray, cache: Path, size: int, teache
     """``views_XXX.npz`` shards of ``view_one`` records for the cached photos ``idx`` (``SHARD`` each);
     shards of this version, UV size and teacher ``tag`` are kept (resume), others are rebuilt."""
     cache.mkdir(parents=True, exist_ok=True)
+    tag = f"{tag}|turn {VIEW_TURN_DEG}|pitch {VIEW_PITCH_DEG}"
     n_shards = math.ceil(len(idx) / SHARD)
     for si in range(n_shards):
         out = cache / f"views_{si:03d}.npz"
@@ -527,7 +528,7 @@ def save_weights(net, path: Path, meta: dict) -> str:
 def train(photos: Path, out: Path, steps: int = 2000, resume: bool = False, cache: Optional[Path] = None,
           width: int = 8, size: int = 128, batch: int = 8, lr: float = 1e-3, checkpoint_every: int = 100,
           eval_every: int = 500, seed: int = 0, target: str = "head", threads: int = 1,
-          init: Optional[Path] = None, views: int = 0, views_per_batch: int = 4, view_weight: float = 0.06,
+          init: Optional[Path] = None, views: int = 0, views_per_batch: int = 4, view_weight: float = 0.15,
           log=print) -> dict:
     """Train (or, with ``init``, fine-tune) FGNet on ``photos``; see the module docstring.
 
