@@ -72,9 +72,7 @@ def test_refine_removes_coarse_error_on_turned_views_of_unseen_faces(photos_dir)
         turn = novel_view.away_yaw(fit.pose_degrees["yaw"], 20.0, np.random.default_rng(0))
         moved = novel_view.turned(drawn, turn)
         view, _ = novel_view.render_view(img, drawn, moved, fm.triangles)
-        centre = moved[fm.keypoints, :2].mean(0)
-        face = min(detect.detect_faces(view, use_cnn=False),
-                   key=lambda f: np.linalg.norm(f.landmarks.mean(0) - centre))
+        face = detect.nearest_face(detect.detect_faces(view, use_cnn=False), moved[fm.keypoints, :2].mean(0))
         fit2 = morphable.fit_3dmm(view, face.landmarks)
 
         def error_mm(vertices):

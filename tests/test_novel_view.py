@@ -28,7 +28,7 @@ def test_turned_face_is_found_and_fitted_at_the_new_pose(photos_dir):
     assert diff[same_mask].mean() < 6.0 and diff[~same_mask].mean() > diff[same_mask].mean()
     faces = detect.detect_faces(view, use_cnn=False)
     assert faces, "HOG finds no face in the turned render"
-    face = min(faces, key=lambda f: np.linalg.norm(f.landmarks.mean(0) - moved[fm.keypoints, :2].mean(0)))
+    face = detect.nearest_face(faces, moved[fm.keypoints, :2].mean(0))
     refit = morphable.fit_3dmm(view, face.landmarks)
     # the pipeline sees the new pose: yaw changed by about the turn, in its direction
     change = refit.pose_degrees["yaw"] - yaw0

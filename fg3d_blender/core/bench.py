@@ -96,8 +96,7 @@ def run_aflw2000(args) -> dict:
             faces = detect.detect_faces(image)
             if faces:
                 found += 1
-                c = gt.mean(0)
-                start = min(faces, key=lambda f: np.linalg.norm(f.landmarks.mean(0) - c)).landmarks
+                start = detect.nearest_face(faces, gt.mean(0)).landmarks
             else:
                 start, passes = _fallback_start(image), passes + 2
         pred = _fit_landmarks(image, start, passes, not args.no_refine, not args.no_refit)

@@ -111,6 +111,12 @@ def detect_faces(image_bgr: np.ndarray, use_cnn: bool = True) -> List[Face]:
     return faces
 
 
+def nearest_face(faces: List[Face], point) -> Face:
+    """The face whose landmark centroid is nearest to ``point`` (x, y); ``faces`` must not be empty."""
+    p = np.asarray(point, np.float64)
+    return min(faces, key=lambda f: float(np.linalg.norm(f.landmarks.mean(0) - p)))
+
+
 def select_face(faces: List[Face], face_index: Optional[int], name: str = "photo") -> Face:
     """The face to reconstruct: the largest by default, else ``face_index`` (0 = largest)."""
     if not faces:

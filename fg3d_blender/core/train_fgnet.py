@@ -145,7 +145,7 @@ def build_cache(photos: List[Path], cache: Path, size: int, worker: int = 0, wor
     n_shards = math.ceil(len(photos) / SHARD)
     for si in range(worker, n_shards, workers):
         out = cache / f"shard_{si:03d}.npz"
-        if out.is_file() and _shard_meta(out) == (CACHE_VERSION, size):
+        if out.is_file() and _shard_meta(out) == (CACHE_VERSION, size, ""):
             continue
         recs, names, images = [], [], []
         t0 = time.perf_counter()
@@ -157,23 +157,28 @@ def build_cache(photos: List[Path], cache: Path, size: int, worker: int = 0, wor
             faces = detect.detect_faces(img, use_cnn=False)
             if not faces:
                 continue
-            c = np.array([side / 2, side / 2])
-            face = min(faces, key=lambda f: np.linalg.norm(f.landmarks.mean(0) - c))
+            face = detect.nearest_face(faces, (side / 2, side / 2))
             recs.append(cache_one(img, face.landmarks, size))
             names.append(p.name)
             images.append(img)
-        arrays = {k: np.stack([r[k] for r in recs]) for k in recs[0]} if recs else {}
-        tmp = out.with_name(f".{out.stem}.{os.getpid()}.npz")
-        np.savez(tmp, names=np.array(names), images=np.stack(images) if images else np.zeros((0, side, side, 3), np.uint8),
-                 size=np.array(size), version=np.array(CACHE_VERSION), **arrays)
-        os.replace(tmp, out)
+        _write_shard(out, recs, names, np.stack(images) if images else np.zeros((0, side, side, 3), np.uint8), size)
         log(f"cache shard {si + 1}/{n_shards}: {len(recs)} faces in {time.perf_counter() - t0:.0f} s")
 
 
+def _write_shard(out: Path, recs: List[dict], names: List[str], images: np.ndarray, size: int,
+                 tag: str = "") -> None:
+    """One shard of records, written atomically with its version, UV size and ``tag``."""
+    arrays = {k: np.stack([r[k] for r in recs]) for k in recs[0]} if recs else {}
+    tmp = out.with_name(f".{out.stem}.{os.getpid()}.npz")
+    np.savez(tmp, names=np.array(names), images=images, size=np.array(size), version=np.array(CACHE_VERSION),
+             teacher=np.array(tag), **arrays)
+    os.replace(tmp, out)
+
+
 def _shard_meta(path: Path) -> tuple:
-    """(cache version, UV size) of a shard, read without loading its arrays."""
+    """(cache version, UV size, tag) of a shard, read without loading its arrays."""
     with np.load(path, allow_pickle=False) as z:
-        return int(z["version"]), int(z["size"])
+        return int(z["version"]), int(z["size"]), str(z["teacher"]) if "teacher" in z.files else ""
 
 
 def load_cache(cache: Path, pattern: str = "shard_*.npz") -> dict:
@@ -234,7 +239,7 @@ def view_one(data: dict, i: int, size: int, teacher=None) -> Optional[dict]:
     faces = detect.detect_faces(view, use_cnn=False)
     if not faces:
         return None
-    face = min(faces, key=lambda f: np.linalg.norm(f.landmarks.mean(0) - truth.mean(0)))
+    face = detect.nearest_face(faces, truth.mean(0))
     if np.linalg.norm(face.landmarks.mean(0) - truth.mean(0)) > 0.1 * np.ptp(truth[:, 0]):
         return None
     rec = cache_one(view, face.landmarks, size)
@@ -256,7 +261,7 @@ def build_view_cache(data: dict, idx: np.ndarray, cache: Path, size: int, teache
     n_shards = math.ceil(len(idx) / SHARD)
     for si in range(n_shards):
         out = cache / f"views_{si:03d}.npz"
-        if out.is_file() and _shard_meta(out) == (CACHE_VERSION, size) and _shard_tag(out) == tag:
+        if out.is_file() and _shard_meta(out) == (CACHE_VERSION, size, tag):
             continue
         t0 = time.perf_counter()
         recs, names = [], []
@@ -266,17 +271,8 @@ def build_view_cache(data: dict, idx: np.ndarray, cache: Path, size: int, teache
                 recs.append(rec)
                 names.append("view_" + str(data["names"][i]))
         images = np.stack([r.pop("view_image") for r in recs]) if recs else np.zeros((0, 1, 1, 3), np.uint8)
-        arrays = {k: np.stack([r[k] for r in recs]) for k in recs[0]} if recs else {}
-        tmp = out.with_name(f".{out.stem}.{os.getpid()}.npz")
-        np.savez(tmp, names=np.array(names), images=images, size=np.array(size),
-                 version=np.array(CACHE_VERSION), teacher=np.array(tag), **arrays)
-        os.replace(tmp, out)
+        _write_shard(out, recs, names, images, size, tag)
         log(f"view shard {si + 1}/{n_shards}: {len(recs)} views in {time.perf_counter() - t0:.0f} s")
-
-
-def _shard_tag(path: Path) -> str:
-    with np.load(path, allow_pickle=False) as z:
-        return str(z["teacher"]) if "teacher" in z.files else ""
 
 
 # ---- training ------------------------------------------------------------------------------------
