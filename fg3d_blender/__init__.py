@@ -17,10 +17,10 @@ bl_info = {
 
 
 def register():
-    from . import operators
+    from . import operators  # the bpy layer: only Blender calls register()
     operators.register()
 
 
 def unregister():
-    from . import operators
+    from . import operators  # the bpy layer: only Blender calls unregister()
     operators.unregister()

@@ -1,4 +1,6 @@
-"""Command line: ``python -m fg3d_blender {reconstruct,demo,fetch-assets,bench} …``.
+"""Command line: ``python -m fg3d_blender {reconstruct,demo,fetch-assets} …``, and from a checkout also
+``bench …`` and ``train-fgnet …`` (the ``benchmarks`` and ``training`` packages beside this one; the
+add-on zip holds neither).
 
 User errors print one line on stderr (``fg3d: error: …``) and exit 1; nothing is left half-written.
 Set ``FG3D_DEBUG=1`` to see tracebacks of unexpected failures.
@@ -6,6 +8,8 @@ Set ``FG3D_DEBUG=1`` to see tracebacks of unexpected failures.
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import os
 import sys
@@ -13,10 +17,18 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
+import cv2
+
+from .core.assets import cache_dir, fetch_assets
 from .core.errors import FG3DError
+from .core.export import check_formats, check_output_dir, write_outputs
+from .core.image_io import list_photos
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
-
+#: Commands whose code lives beside the package (a checkout): name → (module, help).
+CHECKOUT_COMMANDS = {
+    "bench": ("benchmarks.cli", "benchmarks that print numbers (last line JSON with --json)"),
+    "train-fgnet": ("training.cli", "train FGNet self-supervised on a folder of face photos"),
+}
 
 def _err(msg: str) -> None:
     print(f"fg3d: error: {' '.join(str(msg).split())}", file=sys.stderr)
@@ -27,7 +39,7 @@ def _expand(paths: List[str]) -> List[Path]:
     out: List[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_EXTS and q.is_file())
+            found = list_photos(p)
             if not found:
                 raise FG3DError(f"{p}: is a folder with no photos in it (.jpg, .png, …)")
             out.extend(found)
@@ -58,8 +70,8 @@ def _summary(result, files) -> dict:
 
 
 def cmd_reconstruct(args) -> int:
-    from .core.export import check_formats, check_output_dir, write_outputs
-    from .core.pipeline import reconstruct
+    from .core.pipeline import reconstruct  # imports torch (~1.5 s): only commands that reconstruct pay it
+
     formats = [f.strip().lower() for f in args.format.split(",") if f.strip()]
     writers = {}
     if "blend" in formats:  # bpy lives in the operators layer, never in core
@@ -107,8 +119,8 @@ def cmd_reconstruct(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    import cv2
-    import skimage.data
+    import skimage.data  # the demo photo's package; nothing else needs scikit-image
+
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     photo = out / "astronaut.png"
@@ -120,37 +132,17 @@ def cmd_demo(args) -> int:
 
 
 def cmd_fetch_assets(args) -> int:
-    from .core.assets import cache_dir, fetch_assets
     n = fetch_assets(include_optional=args.optional, progress=lambda m: print(m, file=sys.stderr))
     print(f"assets ready in {cache_dir()} ({n} fetched now)")
     return 0
 
 
-def cmd_bench(args) -> int:
-    from .core import bench
-    return bench.main(args)
-
-
-def cmd_train_fgnet(args) -> int:
-    from .core import train_fgnet
-    photos = Path(args.photos)
-    if not photos.is_dir():
-        raise FG3DError(f"{photos}: not a folder of photos")
-    if args.init and not Path(args.init).is_file():
-        raise FG3DError(f"{args.init}: no such weights file (--init)")
-    if args.views < 0 or args.views_per_batch < 1:
-        raise FG3DError("--views must be 0 or more and --views-per-batch 1 or more")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    res = train_fgnet.train(photos, out, steps=args.steps, resume=args.resume,
-                            cache=Path(args.cache) if args.cache else None, width=args.width, size=args.uv_size,
-                            batch=args.batch, lr=args.lr, checkpoint_every=args.checkpoint_every,
-                            eval_every=args.eval_every, target=args.landmark_target, threads=args.threads,
-                            init=Path(args.init) if args.init else None, views=args.views,
-                            views_per_batch=args.views_per_batch, view_weight=args.view_weight,
-                            log=lambda m: print(m, file=sys.stderr, flush=True))
-    print(json.dumps(res))
-    return 0
+def _checkout_module(command: str):
+    """The module of a checkout-only command, or None where it is absent (the add-on zip)."""
+    name = CHECKOUT_COMMANDS[command][0]
+    if importlib.util.find_spec(name.split(".")[0]) is None:
+        return None
+    return importlib.import_module(name)  # optional package, imported only where present
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,33 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fetch-assets", help="download (or copy from $FG3D_ASSET_MIRROR) the model files")
     f.add_argument("--optional", action="store_true", help="also the optional Surrey Face Model files")
     f.set_defaults(func=cmd_fetch_assets)
-    t = sub.add_parser("train-fgnet", help="train FGNet self-supervised on a folder of face photos")
-    t.add_argument("--photos", required=True, metavar="DIR")
-    t.add_argument("--out", required=True, metavar="FILE", help="weights file (fp16); FILE.ckpt is the checkpoint")
-    t.add_argument("--steps", type=int, default=3000)
-    t.add_argument("--resume", action="store_true", help="continue from FILE.ckpt")
-    t.add_argument("--cache", metavar="DIR", help="precomputed inputs (default FILE.cache; built when empty)")
-    t.add_argument("--width", type=int, default=8, help="first-stage channels (the paper: 16)")
-    t.add_argument("--uv-size", type=int, default=128, help="UV map size, a multiple of 32 (the paper: 256)")
-    t.add_argument("--batch", type=int, default=8)
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--checkpoint-every", type=int, default=100, metavar="N")
-    t.add_argument("--eval-every", type=int, default=500, metavar="N", help="held-out evaluation (0 = only at the end)")
-    t.add_argument("--landmark-target", choices=["head", "dlib"], default="head",
-                   help="landmark loss target: the regressor's landmark head (default) or dlib's 68")
-    t.add_argument("--threads", type=int, default=1, help="CPU threads for torch (without CUDA)")
-    t.add_argument("--init", metavar="FILE", help="start from these weights (fine-tune); they also refine "
-                   "the shapes drawn in the synthetic views")
-    t.add_argument("--views", type=int, default=0, metavar="N",
-                   help="add N synthetic views of training photos, turned away from the camera, whose 3D "
-                        "shape is known (0 = none)")
-    t.add_argument("--views-per-batch", type=int, default=4, metavar="N")
-    t.add_argument("--view-weight", type=float, default=0.15, help="weight of the views' 3D error, per mm")
-    t.set_defaults(func=cmd_train_fgnet)
-    b = sub.add_parser("bench", help="benchmarks that print numbers (last line JSON with --json)")
-    from .core import bench
-    bench.add_arguments(b)
-    b.set_defaults(func=cmd_bench)
+    for command, (_, text) in CHECKOUT_COMMANDS.items():
+        module = _checkout_module(command)
+        if module is not None:
+            c = sub.add_parser(command, help=text)
+            module.add_arguments(c)
+            c.set_defaults(func=module.run)
     return p
 
 

@@ -24,6 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fg3d_blender.core.pipeline import default_reconstructor  # noqa: E402
+
+REC = default_reconstructor()
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
@@ -93,9 +96,8 @@ def fg3d_bpy(fg3d_addon_zip):
 @pytest.fixture(scope="module")
 def fg3d_expected():
     """The same photo through the library directly, to compare the Blender data against."""
-    from fg3d_blender.core.morphable import face_model
     from fg3d_blender.core.pipeline import reconstruct
-    return reconstruct(PHOTO), face_model().keypoints
+    return reconstruct(PHOTO), REC.face_model.keypoints
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +108,12 @@ def fg3d_face(fg3d_bpy):
     assert bpy.ops.fg3d.reconstruct(filepath=str(PHOTO), add_camera=True, add_images=True) == {'FINISHED'}
     ob = bpy.context.view_layer.objects.active
     return ob.name, before
+
+
+def _zip_sources(zip_path) -> dict:
+    import zipfile
+    with zipfile.ZipFile(zip_path) as z:
+        return {n: z.read(n).decode("utf-8") for n in z.namelist() if n.endswith(".py")}
 
 
 def test_zip_layout_extension_and_legacy(fg3d_addon_zip):
@@ -122,6 +130,17 @@ def test_zip_layout_extension_and_legacy(fg3d_addon_zip):
     third_party = {a["path"] for a in json.loads((ROOT / "models" / "assets.json").read_text())["assets"]}
     leaked = {n for n in names if Path(n).name in {Path(t).name for t in third_party} and not n.endswith(".json")}
     assert not leaked, f"third-party model files in the zip: {leaked}"
+    # inference only: no training, benchmark or figure code, and nothing in the package imports them
+    code = _zip_sources(fg3d_addon_zip)
+    research = [n for n in names if any(part in n for part in ("train", "bench", "figure", "novel_view"))]
+    assert not research, f"training/benchmark code in the add-on zip: {research}"
+    for n, text in code.items():
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                mods = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                assert not any(m.split(".")[0] in ("training", "benchmarks") for m in mods), (n, mods)
+    bundled = json.loads((ROOT / "models" / "assets.json").read_text())["bundled"]
+    assert {f"fg3d_blender/models/{b['path']}" for b in bundled} <= names  # our own weights ship
     assert manifest["id"] == "fg3d_blender" and manifest["type"] == "add-on"
     assert manifest["blender_version_min"] == "4.2.0" and "wheels" not in manifest  # --no-wheels
     from fg3d_blender import __version__

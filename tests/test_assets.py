@@ -15,6 +15,9 @@ import scipy.io as sio
 
 from fg3d_blender.core import assets
 from fg3d_blender.core.errors import FG3DError
+from fg3d_blender.core.pipeline import default_reconstructor  # noqa: E402
+
+REC = default_reconstructor()
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -220,8 +223,7 @@ def test_topology_uv_and_keypoint_files():
 
 
 def test_face_model_is_in_millimetres_with_outward_normals(shared_dir):
-    from fg3d_blender.core.morphable import face_model
-    fm = face_model()
+    fm = REC.face_model
     assert fm.mean_mm.shape == (53215, 3) and fm.triangles.shape == (105954, 3)
     width = np.linalg.norm(fm.mean_mm[fm.keypoints[0]] - fm.mean_mm[fm.keypoints[16]])
     assert 120 < width < 170  # jaw-to-jaw, mm

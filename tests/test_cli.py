@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import pytest
 
-from fg3d_blender.core.bench import nme
+from fg3d_blender.core.geometry import nme
 
 
 # ---- building test photos -------------------------------------------------------------------------

@@ -4,13 +4,19 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
 
 os.environ.setdefault("FG3D_ASSET_MIRROR", str(Path(__file__).resolve().parents[2] / "shared" / "models"))
 
+from fg3d_blender.core import detect, fgnet_inputs, render  # noqa: E402
 from fg3d_blender.core.fgnet import FGNet, load_checkpoint  # noqa: E402
+from fg3d_blender.core.image_io import load_image  # noqa: E402
+from fg3d_blender.core.pipeline import default_reconstructor  # noqa: E402
+
+REC = default_reconstructor()
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 PHOTO = SHARED / "photos" / "fg3d_examples" / "test.jpg"
@@ -106,21 +112,20 @@ def test_narrow_widths_are_fully_convolutional(width, size):
     assert net.state_dict()["down_conv_10.activate.0.weight"].shape == (32 * width,)
 
 
-def test_uv_inputs_on_real_photo():
-    from fg3d_blender.core import detect, morphable, render, uv_inputs
-    from fg3d_blender.core.image_io import load_image
+def test_fgnet_inputs_on_real_photo():
     image = load_image(PHOTO)
-    face = detect.select_face(detect.detect_faces(image), None)
-    fit = morphable.fit_3dmm(image, face.landmarks)
-    inp = uv_inputs.uv_inputs(image, fit, 128)
+    face = detect.select_face(REC.faces(image), None)
+    fit = REC.fit(image, face.landmarks)
+    fm = REC.face_model
+    shape_range = fgnet_inputs.load_shape_range()
+    inp = fgnet_inputs.fgnet_inputs(image, fit, fm, 128, shape_range)
     assert inp.paf.shape == (384, 384, 3) and inp.visibility.shape == (128, 128)
     assert inp.shape.shape == (128, 128, 3)
     assert 0.15 < float((inp.visibility > 0).mean()) < 0.9  # a frontal face: about half the layout seen
     assert 0.0 <= inp.shape.min() and inp.shape.max() <= 1.0
     # the mean shape sits in the middle of the normalisation range
-    fm = morphable.face_model()
-    mid = uv_inputs.shape_offset_map(fm.mean_mm, 64)
-    lo, hi = uv_inputs.shape_range_um()
+    mid = fgnet_inputs.shape_offset_map(fm.mean_mm, fm, 64, shape_range)
+    lo, hi = shape_range
     assert np.allclose(mid, -lo / (hi - lo), atol=1e-4)
     # the centre sample of each PAF block is the photo at the texel's projected position
     r, c = 64, 64
@@ -139,13 +144,10 @@ def test_uv_inputs_on_real_photo():
 
 
 def test_large_photo_is_sampled_at_the_canonical_scale():
-    import cv2
-    from fg3d_blender.core import detect, morphable, uv_inputs
-    from fg3d_blender.core.image_io import load_image
     image = load_image(PHOTO)
     big = cv2.resize(image, None, fx=3, fy=3, interpolation=cv2.INTER_CUBIC)
-    face = detect.select_face(detect.detect_faces(big), None)
-    fit = morphable.fit_3dmm(big, face.landmarks)
-    inp = uv_inputs.uv_inputs(big, fit, 64)
+    face = detect.select_face(REC.faces(big), None)
+    fit = REC.fit(big, face.landmarks)
+    inp = fgnet_inputs.fgnet_inputs(big, fit, REC.face_model, 64, fgnet_inputs.load_shape_range())
     assert inp.scale < 1.0
-    assert abs(fit.scale * inp.scale - uv_inputs.PAF_PX_PER_MM) < 0.05
+    assert abs(fit.scale * inp.scale - fgnet_inputs.PAF_PX_PER_MM) < 0.05

@@ -3,14 +3,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from fg3d_blender.core import detect, morphable, novel_view
+from fg3d_blender.core import detect
 from fg3d_blender.core.image_io import load_image
+from fg3d_blender.core.pipeline import default_reconstructor
+from training import novel_view
+
+REC = default_reconstructor()
 
 
 def test_turned_face_is_found_and_fitted_at_the_new_pose(photos_dir):
-    fm = morphable.face_model()
+    fm = REC.face_model
     image = load_image(sorted((photos_dir / "london_faces").glob("*.jpg"))[0])
-    fit = morphable.fit_3dmm(image, detect.select_face(detect.detect_faces(image), None).landmarks)
+    fit = REC.fit(image, detect.select_face(REC.faces(image), None).landmarks)
     drawn = fit.project(fit.vertices)
     yaw0 = fit.pose_degrees["yaw"]
     turn = novel_view.away_yaw(yaw0, 25.0, np.random.default_rng(0))
@@ -26,10 +30,10 @@ def test_turned_face_is_found_and_fitted_at_the_new_pose(photos_dir):
     same, same_mask = novel_view.render_view(image, drawn, drawn, fm.triangles)
     diff = np.abs(same.astype(np.float32) - image.astype(np.float32))
     assert diff[same_mask].mean() < 6.0 and diff[~same_mask].mean() > diff[same_mask].mean()
-    faces = detect.detect_faces(view, use_cnn=False)
+    faces = REC.faces(view, use_cnn=False)
     assert faces, "HOG finds no face in the turned render"
     face = detect.nearest_face(faces, moved[fm.keypoints, :2].mean(0))
-    refit = morphable.fit_3dmm(view, face.landmarks)
+    refit = REC.fit(view, face.landmarks)
     # the pipeline sees the new pose: yaw changed by about the turn, in its direction
     change = refit.pose_degrees["yaw"] - yaw0
     assert abs(change - turn) < 10.0, (yaw0, refit.pose_degrees["yaw"], turn)

@@ -8,9 +8,12 @@ import scipy.io as sio
 
 from fg3d_blender.core import detect, morphable, render, texture
 from fg3d_blender.core.assets import asset_path
-from fg3d_blender.core.bench import nme
+from fg3d_blender.core.geometry import nme
 from fg3d_blender.core.errors import FG3DError, NoFaceError
 from fg3d_blender.core.image_io import load_image
+from fg3d_blender.core.pipeline import default_reconstructor  # noqa: E402
+
+REC = default_reconstructor()
 
 # a spread of the paper's examples: FRGC, AFW and HELEN crops, frontal and turned
 NME_PHOTOS = ["test.jpg", "AFW_2122067003_1_0.jpg", "AFW_2312639559_1_0.jpg", "AFW_448291547_1_0.jpg",
@@ -45,7 +48,7 @@ def test_faces_found_on_every_example_photo_with_landmarks_in_the_box(examples):
     assert len(photos) == 17
     for p in photos:
         img = load_image(p)
-        faces = detect.detect_faces(img)
+        faces = REC.faces(img)
         assert len(faces) >= 1, p.name
         f = faces[0]
         assert f.landmarks.shape == (68, 2) and f.landmarks.dtype == np.float32
@@ -67,20 +70,20 @@ def test_faces_found_on_every_example_photo_with_landmarks_in_the_box(examples):
 
 def test_hog_misses_the_profile_but_the_cnn_fallback_finds_it(multipose):
     img = load_image(multipose / "02463d453_85_14.jpg")
-    assert detect.detect_faces(img, use_cnn=False) == []
-    faces = detect.detect_faces(img)
+    assert REC.faces(img, use_cnn=False) == []
+    faces = REC.faces(img)
     assert len(faces) == 1 and faces[0].detector == "cnn"
     x0, y0, x1, y1 = faces[0].box
     assert x1 - x0 > 80
     lm = faces[0].landmarks
     assert (lm[:, 0] > x0 - 40).all() and (lm[:, 0] < x1 + 40).all()
     # a frontal photo is found by HOG (the CNN is only the fallback)
-    assert detect.detect_faces(load_image(multipose / "02463d453_-1_-2.jpg"))[0].detector == "hog"
+    assert REC.faces(load_image(multipose / "02463d453_-1_-2.jpg"))[0].detector == "hog"
 
 
 def test_no_face_in_a_real_photo_without_a_face(photos_dir):
     img = load_image(photos_dir / "london_faces" / "001_03_neutral.jpg")[620:, :]  # neck and shirt only
-    assert detect.detect_faces(img) == []
+    assert REC.faces(img) == []
     with pytest.raises(NoFaceError, match="no face found"):
         detect.select_face([], None, "shirt.jpg")
 
@@ -89,12 +92,12 @@ def test_a_small_face_in_a_12_megapixel_photo_is_found_with_accurate_landmarks(p
     """A real portrait shrunk to a 100 px face and pasted into a 4032×3024 photo: at the 1280 px
     detection copy it is ~32 px, too small for HOG; the larger second copy finds it."""
     a = load_image(photos_dir / "london_faces" / "002_03_neutral.jpg")
-    ref = detect.detect_faces(a)[0]
+    ref = REC.faces(a)[0]
     s = 100.0 / (ref.box[2] - ref.box[0])
     small = cv2.resize(a, None, fx=s, fy=s, interpolation=cv2.INTER_AREA)
     big = np.full((3024, 4032, 3), 127, np.uint8)
     big[1200:1200 + small.shape[0], 1800:1800 + small.shape[1]] = small
-    faces = detect.detect_faces(big)
+    faces = REC.faces(big)
     assert len(faces) == 1 and faces[0].detector == "hog"
     err = np.linalg.norm(faces[0].landmarks - (ref.landmarks * s + [1800, 1200]), axis=1).mean()
     assert err < 2.5
@@ -111,7 +114,7 @@ def two_faces(photos_dir):
 
 def test_several_faces_sorted_largest_first_and_selectable(photos_dir):
     img = two_faces(photos_dir)
-    faces = detect.detect_faces(img)
+    faces = REC.faces(img)
     assert len(faces) == 2
     assert faces[0].area > faces[1].area
     assert faces[0].landmarks[:, 0].max() < 800 < faces[1].landmarks[:, 0].min()
@@ -144,7 +147,7 @@ def seed_fit(fm):
 
 
 def test_fit_agrees_with_the_seed_fit_of_the_same_photo(frontal):
-    fm = morphable.face_model()
+    fm = REC.face_model
     seed_lm, seed = seed_fit(fm)
     assert frontal.image.shape[0] == 256
     # the seed's landmarks are themselves near dlib's (the file matches this photo)
@@ -216,7 +219,7 @@ def test_pncc_colours_are_the_mean_shape_code(frontal):
     assert (r.pncc[~r.mask] == 0).all()
     on = r.pncc[r.mask].reshape(-1, 3)
     assert on.min() >= 0 and on.max() <= 255 and on.max(0).min() > 150  # the code spans each channel
-    fm = morphable.face_model()
+    fm = REC.face_model
     code = render.pncc_colors(fm.mean_mm)
     assert code.min() == 0.0 and code.max() == 1.0
     x, y = np.rint(r.landmarks_2d[30]).astype(int)
@@ -236,7 +239,7 @@ def test_mask_area_is_plausible(frontal, turned):
 
 def test_visibility_hides_the_far_side_of_a_turned_face(reconstructed, multipose, turned):
     level = reconstructed(multipose / "02463d453_-1_-2.jpg", texture_size=256)  # yaw ≈ 0
-    fm = morphable.face_model()
+    fm = REC.face_model
     x = fm.mean_mm[:, 0] - fm.mean_mm[:, 0].mean()
     def side_visible(r):
         return r.vertex_visible[x < -30].mean(), r.vertex_visible[x > 30].mean()
@@ -253,13 +256,12 @@ def test_visibility_hides_the_far_side_of_a_turned_face(reconstructed, multipose
 
 def recompute_texture(r, size):
     """The texture stage run on the Result's own data, in the window the pipeline renders."""
-    fm = morphable.face_model()
-    x0, y0, x1, y1 = render.bounding_window(r.image_vertices, *r.image.shape[:2])
-    iv = r.image_vertices - np.array([x0, y0, 0], dtype=np.float32)
-    ras = render.rasterize(iv, fm.triangles, y1 - y0, x1 - x0)
+    fm = REC.face_model
+    face = render.render_face(r.image_vertices, fm.triangles, *r.image.shape[:2])
     facing = (r.normals @ r.camera["rotation"].T)[:, 2]
     tol = render.occlusion_tolerance(r.camera["scale"])
-    return texture.make_texture(r.image[y0:y1, x0:x1], iv, facing, fm.uvs, fm.triangles, ras.depth, size, tol)
+    return texture.make_texture(r.image[face.slices], face.vertices, facing, fm.uv_raster(size), fm.triangles,
+                                face.raster.depth, tol)
 
 
 def test_visible_texels_carry_the_photo_colour(frontal):
@@ -268,7 +270,7 @@ def test_visible_texels_carry_the_photo_colour(frontal):
     tex, weight = recompute_texture(r, size)
     np.testing.assert_array_equal(tex, r.texture)  # the pipeline's texture is this stage's output
     vis = weight >= 1.0  # texels coloured by the photo alone
-    fm = morphable.face_model()
+    fm = REC.face_model
     uvpix = render.uv_pixel_coords(fm.uvs, size)[:, :2]
     vi = np.rint(uvpix).astype(int).clip(0, size - 1)
     sel = r.vertex_visible & vis[vi[:, 1], vi[:, 0]]
@@ -293,7 +295,7 @@ def test_hidden_side_is_filled_from_its_mirror(turned):
     np.testing.assert_array_equal(tex[mirrored], tex[:, ::-1][mirrored])
     # the BFM UV layout really is left-right symmetric (u ↔ 1 − u for mirrored vertices)
     from scipy.spatial import cKDTree
-    fm = morphable.face_model()
+    fm = REC.face_model
     m = fm.mean_mm.astype(np.float64)
     mir = m.copy()
     mir[:, 0] = 2 * m[:, 0].mean() - mir[:, 0]
@@ -391,7 +393,7 @@ def test_renders_equal_a_full_photo_rasterization(reconstructed, photos_dir, tmp
     if crop == "cut_left":
         assert iv[:, 0].min() < 0  # the mesh really leaves the photo
     assert (iv[:, 0].max() - iv[:, 0].min()) * (iv[:, 1].max() - iv[:, 1].min()) < 0.7 * h * w
-    fm = morphable.face_model()
+    fm = REC.face_model
     ras = render.rasterize(iv, fm.triangles, h, w)
     np.testing.assert_array_equal(r.mask, ras.mask)
     np.testing.assert_array_equal(r.depth[r.mask], ras.depth[ras.mask])
@@ -400,6 +402,6 @@ def test_renders_equal_a_full_photo_rasterization(reconstructed, photos_dir, tmp
     tol = render.occlusion_tolerance(r.camera["scale"])
     np.testing.assert_array_equal(r.vertex_visible, render.visible_vertices(ras, iv, tol))
     facing = (r.normals @ r.camera["rotation"].T)[:, 2]
-    tex, _ = texture.make_texture(r.image, iv, facing, fm.uvs, fm.triangles, ras.depth, 256, tol)
+    tex, _ = texture.make_texture(r.image, iv, facing, fm.uv_raster(256), fm.triangles, ras.depth, tol)
     diff = np.abs(tex.astype(int) - r.texture)
     assert diff.max() <= 3 and (diff > 0).mean() < 1e-3  # float rounding of the window offset only

@@ -1,12 +1,15 @@
-"""The compiled renderer (render_ext) against the pure-numpy reference in tests/raster_reference.py."""
+"""The compiled renderer (render_ext) against the pure-numpy reference in benchmarks/raster_reference.py."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-import raster_reference as ref
+from benchmarks import raster_reference as ref
 from fg3d_blender import render_ext as rx
 from fg3d_blender.core import render
+from fg3d_blender.core.pipeline import default_reconstructor
+
+REC = default_reconstructor()
 
 
 def _f32(a):
@@ -216,19 +219,18 @@ def test_sample_bilinear_matches_reference():
 
 @pytest.fixture(scope="module")
 def bfm(shared_dir):
-    from fg3d_blender.core.morphable import face_model
-    return face_model()
+    return REC.face_model
 
 
 def test_uv_round_trip_returns_per_vertex_values(bfm):
     """to_uv (rasterize the UV layout, interpolate) then from_uv (bilinear at each vertex's UV)."""
     attrs = bfm.mean_mm.astype(np.float64)  # smooth, linear over each triangle
     size = 1024
-    uv_map = render.to_uv(attrs, bfm.uvs, bfm.triangles, size)
+    uv_map = bfm.to_uv(attrs, size)
     assert uv_map.shape == (size, size, 3)
-    layout = render.uv_raster(bfm.uvs, bfm.triangles, size).mask
+    layout = bfm.uv_raster(size).mask
     assert layout.mean() > 0.9  # BFM_UV fills the unit square
-    back = render.from_uv(uv_map, bfm.uvs)
+    back = bfm.from_uv(uv_map)
     err = np.linalg.norm(back - attrs, axis=1)
     # vertices whose 2×2 bilinear footprint is inside the layout come back almost exactly
     px = render.uv_pixel_coords(bfm.uvs, size)[:, :2]
@@ -239,7 +241,7 @@ def test_uv_round_trip_returns_per_vertex_values(bfm):
     assert np.percentile(err[inner], 99) < 0.5  # mm; the mesh spans ~180 mm
     assert np.median(err[inner]) < 0.1
     # and a texel's value is the value interpolated at the texel centre (the PNCC-style code)
-    r = render.uv_raster(bfm.uvs, bfm.triangles, size)
+    r = bfm.uv_raster(size)
     ys, xs = np.nonzero(r.mask)
     pick = np.random.default_rng(0).choice(len(ys), 500, replace=False)
     exp = ref.interpolate(r.tri_id[ys[pick], xs[pick]][None], r.bary[ys[pick], xs[pick]][None],

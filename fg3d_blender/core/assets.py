@@ -1,7 +1,9 @@
-"""Third-party model files: where they live, how they are fetched, and how they are read safely.
+"""Model files: where they live, how they are fetched, and how they are read safely.
 
-Files are listed in ``models/assets.json`` (path, upstream URL pinned to a commit, sha256, size,
-licence).  ``fetch_assets`` downloads them into the cache folder, or copies them from the folder named
+``models/assets.json`` is the one manifest.  Its ``assets`` are third-party files (path, upstream URL
+pinned to a commit, sha256, size, licence), never committed; its ``bundled`` entries are the project's
+own trained files that sit beside it in ``models/`` (path, sha256, size, licence, the ``role`` the
+pipeline loads them for and their ``meta``data), verified the same way by ``bundled``.  ``fetch_assets`` downloads them into the cache folder, or copies them from the folder named
 by ``$FG3D_ASSET_MIRROR`` (same relative layout), checking every sha256.  ``asset_path`` returns a
 verified path or raises one clear line.  Pickles are read once with a restricted unpickler that admits
 only dicts and numpy arrays and are cached as ``.npz``; nothing foreign is ever unpickled freely.
@@ -36,9 +38,43 @@ def models_dir() -> Path:
     raise FG3DError(f"models/assets.json not found next to {_PACKAGE_DIR}: the installation is incomplete")
 
 
+MANIFEST = "assets.json"
+
+
+def _manifest_data(models: Optional[Path] = None) -> dict:
+    return json.loads(((models or models_dir()) / MANIFEST).read_text(encoding="utf-8"))
+
+
 def manifest() -> Dict[str, dict]:
-    data = json.loads((models_dir() / "assets.json").read_text(encoding="utf-8"))
-    return {a["path"]: a for a in data["assets"]}
+    """The third-party assets by path."""
+    return {a["path"]: a for a in _manifest_data()["assets"]}
+
+
+def bundled(role: str) -> Optional[dict]:
+    """The bundled file for ``role`` (e.g. ``"fgnet"``) with its verified local ``file`` path, or None
+    when the manifest names none or its file is absent.  FG3DError when the file is corrupt."""
+    try:
+        models = models_dir()
+    except FG3DError:
+        return None
+    entry = next((b for b in _manifest_data(models).get("bundled", []) if b["role"] == role), None)
+    if entry is None or not (models / entry["path"]).is_file():
+        return None
+    path = models / entry["path"]
+    digest = sha256_of(path)
+    if digest != entry["sha256"]:
+        raise FG3DError(f"{path} is corrupt (sha256 {digest[:12]}…, expected {entry['sha256'][:12]}…); "
+                        "restore the file" + (" or run with --no-refine" if role == "fgnet" else ""))
+    return dict(entry, file=str(path))
+
+
+def write_bundled(models: Path, entry: dict) -> None:
+    """Record ``entry`` (``role``, ``path``, …) in ``models/assets.json``, replacing that role's entry."""
+    data = _manifest_data(models)
+    data["bundled"] = [b for b in data.get("bundled", []) if b["role"] != entry["role"]] + [entry]
+    tmp = models / f".{MANIFEST}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, models / MANIFEST)
 
 
 def cache_dir() -> Path:

@@ -11,11 +11,11 @@ copy the face was found in; boxes and landmarks are returned in full-image pixel
 """
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from typing import List, Optional
 
 import cv2
+import dlib
 import numpy as np
 
 from .assets import dlib_model_path
@@ -38,28 +38,24 @@ class Face:
         return float((self.box[2] - self.box[0]) * (self.box[3] - self.box[1]))
 
 
-_lock = threading.Lock()
-_models: dict = {}
+class Detector:
+    """dlib's HOG detector and 68-point predictor (loaded on creation) and its CNN detector (loaded
+    on first need: only photos where HOG finds nothing use it)."""
 
+    def __init__(self):
+        self.hog = dlib.get_frontal_face_detector()
+        self.predictor = dlib.shape_predictor(str(dlib_model_path("shape_predictor_68_face_landmarks.dat")))
+        self._cnn = None
 
-def _dlib_models():
-    with _lock:
-        if not _models:
-            import dlib
-            _models["hog"] = dlib.get_frontal_face_detector()
-            _models["predictor"] = dlib.shape_predictor(
-                str(dlib_model_path("shape_predictor_68_face_landmarks.dat")))
-            _models["dlib"] = dlib
-        return _models
+    @property
+    def cnn(self):
+        if self._cnn is None:
+            self._cnn = dlib.cnn_face_detection_model_v1(str(dlib_model_path("mmod_human_face_detector.dat")))
+        return self._cnn
 
-
-def _cnn_detector():
-    m = _dlib_models()
-    with _lock:
-        if "cnn" not in m:
-            m["cnn"] = m["dlib"].cnn_face_detection_model_v1(
-                str(dlib_model_path("mmod_human_face_detector.dat")))
-        return m["cnn"]
+    def faces(self, image_bgr: np.ndarray, use_cnn: bool = True) -> List[Face]:
+        """All faces in the photo, largest first (empty list if none)."""
+        return detect_faces(image_bgr, self, use_cnn)
 
 
 def _resized(img: np.ndarray, max_side: int):
@@ -70,10 +66,8 @@ def _resized(img: np.ndarray, max_side: int):
     return np.ascontiguousarray(img), s
 
 
-def detect_faces(image_bgr: np.ndarray, use_cnn: bool = True) -> List[Face]:
+def detect_faces(image_bgr: np.ndarray, detector: Detector, use_cnn: bool = True) -> List[Face]:
     """All faces in the photo, largest first (empty list if none)."""
-    m = _dlib_models()
-    dlib = m["dlib"]
     gray_full = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2GRAY)
     gray, s = _resized(gray_full, DETECT_MAX_SIDE)
     rects, scores, kind = [], [], "hog"
@@ -84,14 +78,14 @@ def detect_faces(image_bgr: np.ndarray, use_cnn: bool = True) -> List[Face]:
         attempts.append((DETECT_LARGE_SIDE, 0))
     for side, upsample in attempts:
         g, gs = (gray, s) if side == DETECT_MAX_SIDE else _resized(gray_full, side)
-        dets, sc, _ = m["hog"].run(g, upsample, 0.0)
+        dets, sc, _ = detector.hog.run(g, upsample, 0.0)
         if len(dets):
             rects, scores, gray, s = list(dets), list(sc), g, gs
             break
     if not rects and use_cnn:
         rgb_small, s_cnn = _resized(cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB), CNN_MAX_SIDE)
         up = 1 if max(rgb_small.shape[:2]) < 400 else 0
-        dets = _cnn_detector()(rgb_small, up)
+        dets = detector.cnn(rgb_small, up)
         ratio = s / s_cnn
         for d in dets:
             r = d.rect
@@ -102,7 +96,7 @@ def detect_faces(image_bgr: np.ndarray, use_cnn: bool = True) -> List[Face]:
     h, w = image_bgr.shape[:2]
     faces = []
     for r, sc in zip(rects, scores):
-        shape = m["predictor"](gray, r)
+        shape = detector.predictor(gray, r)
         lm = np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float32) / s
         box = np.array([r.left(), r.top(), r.right(), r.bottom()], dtype=np.float32) / s
         box = np.clip(box, 0, [w - 1, h - 1, w - 1, h - 1]).astype(np.float32)

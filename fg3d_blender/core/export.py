@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 
 from .errors import FG3DError
-from .render import interpolate, rasterize
+from .render import interpolate, render_face
 
 FORMATS = ("obj", "glb", "ply", "npz")
 EXTRAS = ("depth", "pncc", "preview")
@@ -53,7 +53,7 @@ class AtomicWriter:
         self.pending = []
 
 
-def _png_bytes(img: np.ndarray) -> bytes:
+def png_bytes(img: np.ndarray) -> bytes:
     ok, buf = cv2.imencode(".png", img)
     if not ok:
         raise FG3DError("could not encode PNG")
@@ -62,7 +62,7 @@ def _png_bytes(img: np.ndarray) -> bytes:
 
 def _write_png(path: str, img: np.ndarray):
     with open(path, "wb") as f:
-        f.write(_png_bytes(img))
+        f.write(png_bytes(img))
 
 
 def write_obj(obj_path: str, mtl_path: str, mtl_name: str, tex_name: str, result) -> None:
@@ -98,7 +98,7 @@ def write_glb(path: str, result) -> None:
     nrm = result.normals.astype("<f4")
     uv = np.column_stack([result.uvs[:, 0], 1.0 - result.uvs[:, 1]]).astype("<f4")  # glTF: v down
     idx = result.triangles.astype("<u4").ravel()
-    png = _png_bytes(result.texture)
+    png = png_bytes(result.texture)
     chunks, views, offset = [], [], 0
     for data, target in ((pos.tobytes(), 34962), (nrm.tobytes(), 34962), (uv.tobytes(), 34962),
                          (idx.tobytes(), 34963), (png, None)):
@@ -166,10 +166,10 @@ def shaded_render(result, scale: float = 1.0) -> np.ndarray:
     if scale != 1.0:  # pixel centres stay at integer coordinates
         iv = iv.copy()
         iv[:, :2] = (iv[:, :2] + 0.5) * scale - 0.5
-    ras = rasterize(iv, result.triangles, max(1, round(h * scale)), max(1, round(w * scale)))
+    face = render_face(iv, result.triangles, max(1, round(h * scale)), max(1, round(w * scale)))
     n = result.normals @ result.camera["rotation"].T
     shade = 0.15 + 0.85 * np.clip(n[:, 2], 0, 1)
-    img = interpolate(ras, result.triangles, shade)
+    img = face.in_photo(interpolate(face.raster, result.triangles, shade), 0.0)
     return np.repeat((np.clip(img, 0, 1) * 235)[:, :, None], 3, axis=2).astype(np.uint8)
 
 
@@ -197,7 +197,7 @@ def check_formats(formats: Iterable[str], extras: Iterable[str] = (), extra_form
 
     ``extra_formats``: formats written by writers outside core (the CLI's ``blend``)."""
     formats, extras = list(formats), list(extras)
-    known = FORMATS + ("blend",)
+    known = FORMATS + tuple(extra_formats)
     bad = [f for f in formats if f not in FORMATS and f not in extra_formats] + \
         [e for e in extras if e not in EXTRAS]
     if bad:

@@ -20,8 +20,14 @@ import numpy as np
 
 from .errors import FG3DError
 
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}  # what a folder of photos holds
 MAX_PIXELS = 150_000_000  # 12 000 × 12 000 fits; larger photos are refused with a clear line
 MIN_SIDE = 16
+
+
+def list_photos(folder: Union[str, os.PathLike]) -> List[Path]:
+    """The image files of a folder (by suffix, ``IMAGE_EXTS``), sorted by name."""
+    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_EXTS and p.is_file())
 
 
 def load_image(source: Union[str, os.PathLike, np.ndarray]) -> np.ndarray:

@@ -10,16 +10,19 @@ copy of the first 10 shape components, so it cannot represent expressions.
 from __future__ import annotations
 
 import os
-import threading
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Optional
+from typing import Dict, Optional
 
 import cv2
 import numpy as np
 import scipy.io as sio
+import torch
+from scipy.spatial import cKDTree
 
+from . import render
 from .assets import asset_path, derived_path, load_pickled_arrays
+from .mobilenet import MobileNetV1, load_regressor
 
 CROP_SIZE = 120
 GRID_OFF_SURFACE_UM = 2000.0  # grid points farther than this from the BFM surface are padding
@@ -32,9 +35,11 @@ REFIT_PRIOR = 1.0  # weight of the regressed shape in the landmark refit (measur
 
 
 class FaceModel:
-    """The Basel Face Model data the pipeline needs, in millimetres (BFM files are in micrometres)."""
+    """The Basel Face Model data the pipeline needs, in millimetres (BFM files are in micrometres), and
+    its UV layout's rasters (one per size, made on first use)."""
 
     def __init__(self):
+        self._uv_rasters: Dict[int, render.Raster] = {}
         paf = load_pickled_arrays("beyond3dmm/Model_PAF.pkl")
         self.grid_mean = paf["mu_filter"].reshape(3, -1, order="F").T.astype(np.float64)  # (4096,3) µm
         w = paf["w_filter"].astype(np.float64)  # (12288, 40)
@@ -58,8 +63,7 @@ class FaceModel:
 
     def _orient_outward(self):
         """Make triangle winding counter-clockwise seen from outside, so normals point outward."""
-        from .. import render_ext
-        n = render_ext.vertex_normals(np.ascontiguousarray(self.mean_um, dtype=np.float32), self.triangles)
+        n = render.vertex_normals(self.mean_um, self.triangles)
         centred = self.mean_um - self.mean_um.mean(0)
         if float(np.sum(n * centred)) < 0:
             self.triangles = np.ascontiguousarray(self.triangles[:, ::-1])
@@ -69,7 +73,6 @@ class FaceModel:
         if cache.is_file():
             with np.load(cache) as z:
                 return z["idx"], z["w"]
-        from scipy.spatial import cKDTree
         dist, _ = cKDTree(self.mean_um).query(self.grid_mean)
         on = np.flatnonzero(dist < GRID_OFF_SURFACE_UM)
         d, j = cKDTree(self.grid_mean[on]).query(self.mean_um, k=GRID_K)
@@ -98,27 +101,29 @@ class FaceModel:
     def _mean_um32(self) -> np.ndarray:
         return self.mean_um.astype(np.float32)
 
+    @cached_property
+    def pncc_colors(self) -> np.ndarray:
+        """The PNCC code of each vertex (normalised mean-shape coordinates)."""
+        return render.pncc_colors(self.mean_mm)
 
-_model_lock = threading.Lock()
-_face_model: Optional[FaceModel] = None
-_regressor = None
+    def uv_raster(self, size: int) -> render.Raster:
+        """The UV layout rasterized at size×size (made once per size; callers share it, read-only)."""
+        if size not in self._uv_rasters:
+            self._uv_rasters[size] = render.uv_raster(self.uvs, self.triangles, size)
+        return self._uv_rasters[size]
+
+    def to_uv(self, attrs: np.ndarray, size: int) -> np.ndarray:
+        """Per-vertex attributes (N[,C]) → (size,size[,C]) UV map (0 outside the layout)."""
+        return render.interpolate(self.uv_raster(size), self.triangles, attrs)
+
+    def from_uv(self, uv_map: np.ndarray) -> np.ndarray:
+        """(S,S[,C]) UV map → per-vertex values at each vertex's UV."""
+        return render.from_uv(uv_map, self.uvs)
 
 
-def face_model() -> FaceModel:
-    global _face_model
-    with _model_lock:
-        if _face_model is None:
-            _face_model = FaceModel()
-        return _face_model
-
-
-def regressor():
-    global _regressor
-    with _model_lock:
-        if _regressor is None:
-            from .mobilenet import load_regressor
-            _regressor = load_regressor(asset_path("3ddfa_v2/mb05_120x120.pth"))
-        return _regressor
+def load_face_regressor() -> MobileNetV1:
+    """3DDFA_V2's MobileNet (``mb05_120x120.pth``), verified, in eval mode."""
+    return load_regressor(asset_path("3ddfa_v2/mb05_120x120.pth"))
 
 
 @dataclass
@@ -174,21 +179,18 @@ def crop_resize(image: np.ndarray, roi: np.ndarray, size: int = CROP_SIZE) -> np
     return cv2.warpAffine(image, m, (size, size), flags=flags, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
 
 
-def regress(crops: np.ndarray, flip: bool = True):
+def regress(crops: np.ndarray, fm: FaceModel, net: MobileNetV1, flip: bool = True):
     """Batch of BGR uint8 crops (B,120,120,3) → (de-whitened parameters (B,62), landmarks (B,68,2)).
 
     The landmarks come from the regressor's second head (``fc_lm``), in crop pixels: it predicts
     x (68) then y (68), each as c / 60 − 1.  With ``flip`` the mirrored crops run in the same batch
     and their landmarks, mirrored back, are averaged in (lower error on AFLW2000-3D, see README).
     """
-    import torch
-    fm = face_model()
     b = len(crops)
     if flip:
         crops = np.concatenate([crops, crops[:, :, ::-1]])
     x = torch.from_numpy(np.ascontiguousarray(crops.transpose(0, 3, 1, 2))).float()
     x = (x - 127.5) / 128.0
-    net = regressor()
     with torch.inference_mode():
         feat = net.features(x)
         out = net.fc_param(feat).numpy()
@@ -201,8 +203,7 @@ def regress(crops: np.ndarray, flip: bool = True):
     return out[:b] * fm.param_std + fm.param_mean, lm
 
 
-def decode(params: np.ndarray, roi: np.ndarray) -> Fit:
-    fm = face_model()
+def decode(params: np.ndarray, roi: np.ndarray, fm: FaceModel) -> Fit:
     p = params[:12].reshape(3, 4).astype(np.float64)
     verts = fm.shape_mm(params[12:52])
     sx = (roi[2] - roi[0]) / CROP_SIZE
@@ -213,7 +214,8 @@ def decode(params: np.ndarray, roi: np.ndarray) -> Fit:
     return Fit(params=params.astype(np.float32), roi_box=roi.astype(np.float32), vertices=verts, A=A, b=b)
 
 
-def refit_to_landmarks(fit: Fit, landmarks: np.ndarray, prior: float = REFIT_PRIOR, iters: int = 3) -> Fit:
+def refit_to_landmarks(fit: Fit, landmarks: np.ndarray, fm: FaceModel, prior: float = REFIT_PRIOR,
+                       iters: int = 3) -> Fit:
     """Regularised least-squares refit of the camera and the 40 shape parameters to 68 2D landmarks.
 
     Alternates (1) a scaled-orthographic camera fitted to the landmarks and (2) the shape parameters
@@ -221,7 +223,6 @@ def refit_to_landmarks(fit: Fit, landmarks: np.ndarray, prior: float = REFIT_PRI
     parameter statistics).  On AFLW2000-3D this brings the mesh's landmarks to the regressor's
     landmark-head accuracy (see README).
     """
-    fm = face_model()
     basis = fm.basis_um[fm.keypoints].astype(np.float64) / 1000.0  # (68,3,40) mm
     mean = fm.mean_um[fm.keypoints] / 1000.0                         # (68,3) mm
     alpha0 = fit.params[12:52].astype(np.float64)
@@ -249,20 +250,20 @@ def refit_to_landmarks(fit: Fit, landmarks: np.ndarray, prior: float = REFIT_PRI
                b=np.array([b2[0], b2[1], fit.b[2]]), head_landmarks=fit.head_landmarks)
 
 
-def fit_3dmm(image: np.ndarray, landmarks: np.ndarray, passes: int = 2, refit: bool = True) -> Fit:
+def fit_3dmm(image: np.ndarray, landmarks: np.ndarray, fm: FaceModel, net: MobileNetV1, passes: int = 2,
+             refit: bool = True) -> Fit:
     """Regress the 3DMM from a crop around ``landmarks``; later passes re-crop from the fit's own 68.
 
     With ``refit`` the camera and shape are then refitted to the regressor's landmark head, whose
     last-pass prediction is kept in ``Fit.head_landmarks`` (FGNet's landmark target in training).
     """
-    fm = face_model()
     roi = roi_from_landmarks(landmarks)
     fit = None
     for _ in range(max(1, passes)):
-        params, lm = regress(crop_resize(image, roi)[None])
-        fit = decode(params[0], roi)
+        params, lm = regress(crop_resize(image, roi)[None], fm, net)
+        fit = decode(params[0], roi, fm)
         fit.head_landmarks = (lm[0] * ((roi[2] - roi[0]) / CROP_SIZE) + roi[:2]).astype(np.float32)
         if refit:
-            fit = refit_to_landmarks(fit, fit.head_landmarks)
+            fit = refit_to_landmarks(fit, fit.head_landmarks, fm)
         roi = roi_from_landmarks(fit.project(fit.vertices[fm.keypoints])[:, :2])
     return fit

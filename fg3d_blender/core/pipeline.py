@@ -1,11 +1,14 @@
-"""``reconstruct()``: photo → detections → 3DMM → renders → (FGNet refinement) → textured mesh.
+"""The pipeline façade: photo → detections → 3DMM → (FGNet refinement) → renders → textured mesh.
 
-One function per stage lives in its own module; this one chains them, times them and collects the
-outputs in a ``Result``.
+``Reconstructor`` owns the models (dlib detector, face model, regressor, FGNet), loaded on first use,
+and runs one function per stage (each in its own module), timing them into a ``Result``.
+``reconstruct()`` is a thin convenience over one shared default instance.
 """
+
 from __future__ import annotations
 
 import os
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -14,42 +17,99 @@ from typing import Callable, Dict, Optional, Tuple, Union
 import numpy as np
 
 from . import detect, morphable, render, texture
+from .errors import FG3DError
 from .image_io import load_image
+from .mobilenet import MobileNetV1
+from .morphable import FaceModel, Fit
+from .refine import FGNetRefiner
 
 ProgressFn = Callable[[str, float], None]
+TEXTURE_SIZES = (256, 512, 1024, 2048)
+
+
+@dataclass(frozen=True)
+class Options:
+    """What one reconstruction does: which face (None = the largest; checked against the faces found),
+    FGNet on or off, the texture size (one of ``TEXTURE_SIZES``) and the regressor passes."""
+
+    face_index: Optional[int] = None
+    refine: bool = True
+    texture_size: int = 1024
+    passes: int = 2
+
+    def check(self) -> "Options":
+        if self.texture_size not in TEXTURE_SIZES:
+            raise FG3DError(f"texture size {self.texture_size!r} is not one of {', '.join(map(str, TEXTURE_SIZES))}")
+        return self
 
 
 @dataclass
 class Result:
-    vertices: np.ndarray          # (53215,3) float32 mm, BFM frame (x right, y up, z toward viewer)
-    vertices_coarse: np.ndarray   # the 3DMM shape before refinement (same as vertices if unrefined)
-    triangles: np.ndarray         # (105954,3) int32, 0-based
-    uvs: np.ndarray               # (53215,2) float32, OpenGL convention (v up)
-    texture: np.ndarray           # (S,S,3) uint8 BGR
-    landmarks_2d: np.ndarray      # (68,2) image pixels, from the mesh
-    landmarks_3d: np.ndarray      # (68,3) mm, canonical frame
-    pose: Dict[str, float]        # yaw, pitch, roll in degrees
-    camera: Dict[str, np.ndarray] # A (3,3), b (3,): image = vertices @ A.T + b; rotation; scale px/mm
-    image_vertices: np.ndarray    # (53215,3) posed in photo pixels (x col, y row, z toward camera)
-    depth: np.ndarray             # (h,w) float32, NaN off the face; larger = nearer, pixels
-    pncc: np.ndarray              # (h,w,3) uint8 BGR PNCC image
-    mask: np.ndarray              # (h,w) bool, face pixels
-    vertex_visible: np.ndarray    # (53215,) bool
-    normals: np.ndarray           # (53215,3) unit, canonical frame
-    image: np.ndarray             # the photo, uint8 BGR
-    face_box: np.ndarray          # (4,) detector box
+    vertices: np.ndarray  # (53215,3) float32 mm, BFM frame (x right, y up, z toward viewer)
+    vertices_coarse: np.ndarray  # the 3DMM shape before refinement (same as vertices if unrefined)
+    triangles: np.ndarray  # (105954,3) int32, 0-based
+    uvs: np.ndarray  # (53215,2) float32, OpenGL convention (v up)
+    texture: np.ndarray  # (S,S,3) uint8 BGR
+    landmarks_2d: np.ndarray  # (68,2) image pixels, from the mesh
+    landmarks_3d: np.ndarray  # (68,3) mm, canonical frame
+    pose: Dict[str, float]  # yaw, pitch, roll in degrees
+    camera: Dict[str, np.ndarray]  # A (3,3), b (3,): image = vertices @ A.T + b; rotation; scale px/mm
+    image_vertices: np.ndarray  # (53215,3) posed in photo pixels (x col, y row, z toward camera)
+    depth: np.ndarray  # (h,w) float32, NaN off the face; larger = nearer, pixels
+    pncc: np.ndarray  # (h,w,3) uint8 BGR PNCC image
+    mask: np.ndarray  # (h,w) bool, face pixels
+    vertex_visible: np.ndarray  # (53215,) bool
+    normals: np.ndarray  # (53215,3) unit, canonical frame
+    image: np.ndarray  # the photo, uint8 BGR
+    face_box: np.ndarray  # (4,) detector box
     detected_landmarks: np.ndarray  # (68,2) dlib landmarks
-    params: np.ndarray            # (62,) 3DMM parameters
+    params: np.ndarray  # (62,) 3DMM parameters
     refined: bool
     source: str
     timings: Dict[str, float] = field(default_factory=dict)
 
 
-def refined_shape(image: np.ndarray, fit) -> Tuple[np.ndarray, bool]:
-    """The FGNet stage: (refined vertices, True), or (the fit's vertices, False) without FGNet weights."""
-    from .refine import refine as fgnet_refine
-    out = fgnet_refine(image, fit)
-    return (fit.vertices, False) if out is None else (out, True)
+@dataclass
+class Renders:
+    """The render stage's output for one posed mesh over its photo."""
+
+    face: render.FaceRender  # the windowed raster
+    image_vertices: np.ndarray  # (N,3) photo pixels
+    normals: np.ndarray  # (N,3) canonical frame
+    facing: np.ndarray  # (N,) cosine to the camera
+    tolerance: float  # z-buffer tolerance, px
+
+    def depth(self) -> np.ndarray:
+        ras = self.face.raster
+        return self.face.in_photo(np.where(ras.mask, ras.depth, np.nan).astype(np.float32), np.nan)
+
+    def mask(self) -> np.ndarray:
+        return self.face.in_photo(self.face.raster.mask, False)
+
+    def pncc(self, fm: FaceModel) -> np.ndarray:
+        rgb = render.interpolate(self.face.raster, fm.triangles, fm.pncc_colors)
+        return self.face.in_photo((np.clip(rgb[:, :, ::-1], 0, 1) * 255 + 0.5).astype(np.uint8), 0)
+
+    def visible(self) -> np.ndarray:
+        return render.visible_vertices(self.face.raster, self.face.vertices, self.tolerance)
+
+
+def render_mesh(image_shape, fit: Fit, vertices: np.ndarray, fm: FaceModel) -> Renders:
+    """The render stage: a mesh posed by ``fit`` rasterized in its window of the photo."""
+    iv = fit.project(vertices)
+    face = render.render_face(iv, fm.triangles, image_shape[0], image_shape[1])
+    normals = render.vertex_normals(vertices, fm.triangles)
+    facing = (normals @ fit.rotation.T)[:, 2]
+    return Renders(face=face, image_vertices=iv, normals=normals, facing=facing,
+                   tolerance=render.occlusion_tolerance(fit.scale))
+
+
+def bake_texture(image: np.ndarray, renders: Renders, fm: FaceModel, size: int) -> np.ndarray:
+    """The texture stage: the photo baked into the UV layout at size×size (uint8 BGR)."""
+    face = renders.face
+    tex, _ = texture.make_texture(image[face.slices], face.vertices, renders.facing, fm.uv_raster(size),
+                                  fm.triangles, face.raster.depth, renders.tolerance)
+    return tex
 
 
 @contextmanager
@@ -59,60 +119,124 @@ def _timed(timings: Dict[str, float], name: str):
     timings[name] = timings.get(name, 0.0) + (time.perf_counter() - t0) * 1000.0
 
 
+class Reconstructor:
+    """Owns the models and runs the pipeline.  Models load on first use (thread-safe); one instance
+    can serve many photos and threads."""
+
+    def __init__(self):
+        self._lock = threading.RLock()
+        self._detector: Optional[detect.Detector] = None
+        self._face_model: Optional[FaceModel] = None
+        self._regressor: Optional[MobileNetV1] = None
+        self._refiner: Optional[FGNetRefiner] = None
+        self._refiner_loaded = False
+
+    @property
+    def detector(self) -> detect.Detector:
+        with self._lock:
+            if self._detector is None:
+                self._detector = detect.Detector()
+            return self._detector
+
+    @property
+    def face_model(self) -> FaceModel:
+        with self._lock:
+            if self._face_model is None:
+                self._face_model = FaceModel()
+            return self._face_model
+
+    @property
+    def regressor(self) -> MobileNetV1:
+        with self._lock:
+            if self._regressor is None:
+                self._regressor = morphable.load_face_regressor()
+            return self._regressor
+
+    @property
+    def refiner(self) -> Optional[FGNetRefiner]:
+        """The bundled FGNet, or None when no weights are installed."""
+        with self._lock:
+            if not self._refiner_loaded:
+                self._refiner = FGNetRefiner.load(self.face_model)
+                self._refiner_loaded = True
+            return self._refiner
+
+    # ---- stages --------------------------------------------------------------------------------
+
+    def faces(self, image: np.ndarray, use_cnn: bool = True):
+        return self.detector.faces(image, use_cnn)
+
+    def fit(self, image: np.ndarray, landmarks: np.ndarray, passes: int = 2, refit: bool = True) -> Fit:
+        return morphable.fit_3dmm(image, landmarks, self.face_model, self.regressor, passes=passes, refit=refit)
+
+    def refined_shape(self, image: np.ndarray, fit: Fit) -> Tuple[np.ndarray, bool]:
+        """The FGNet stage: (refined vertices, True), or (the fit's vertices, False) without weights."""
+        refiner = self.refiner
+        return (fit.vertices, False) if refiner is None else (refiner.refine(image, fit), True)
+
+    def reconstruct(self, photo: Union[str, os.PathLike, np.ndarray], options: Options = Options(),
+                    progress: Optional[ProgressFn] = None) -> Result:
+        """Reconstruct one face of a photo.  Raises FG3DError on bad input."""
+        opts = options.check()
+        t: Dict[str, float] = {}
+        say = progress or _silent
+        name = str(photo) if not isinstance(photo, np.ndarray) else "image"
+        say("load", 0.0)
+        with _timed(t, "load"):
+            image = load_image(photo)
+        say("detect", 0.1)
+        with _timed(t, "detect"):
+            face = detect.select_face(self.faces(image), opts.face_index, name)
+        say("3dmm", 0.35)
+        with _timed(t, "3dmm"):
+            fit = self.fit(image, face.landmarks, passes=opts.passes)
+            fm = self.face_model
+        vertices, refined = fit.vertices, False
+        if opts.refine:
+            say("refine", 0.5)
+            with _timed(t, "refine"):
+                vertices, refined = self.refined_shape(image, fit)
+        say("render", 0.7)
+        with _timed(t, "render"):
+            r = render_mesh(image.shape, fit, vertices, fm)
+            depth, mask, pncc, visible = r.depth(), r.mask(), r.pncc(fm), r.visible()
+        say("texture", 0.85)
+        with _timed(t, "texture"):
+            tex = bake_texture(image, r, fm, opts.texture_size)
+        t["total"] = sum(t.values())
+        say("done", 1.0)
+        kp = fm.keypoints
+        iv = r.image_vertices
+        return Result(
+            vertices=vertices, vertices_coarse=fit.vertices, triangles=fm.triangles, uvs=fm.uvs, texture=tex,
+            landmarks_2d=iv[kp, :2].copy(), landmarks_3d=vertices[kp].copy(), pose=fit.pose_degrees,
+            camera={"A": fit.A, "b": fit.b, "rotation": fit.rotation, "scale": fit.scale},
+            image_vertices=iv, depth=depth, pncc=pncc, mask=mask, vertex_visible=visible, normals=r.normals,
+            image=image, face_box=face.box, detected_landmarks=face.landmarks, params=fit.params,
+            refined=refined, source=name, timings=t)
+
+
+def _silent(stage: str, fraction: float) -> None:
+    """The progress callback used when none is given."""
+
+
+_default_lock = threading.Lock()
+_default: Optional[Reconstructor] = None
+
+
+def default_reconstructor() -> Reconstructor:
+    """The shared instance behind ``reconstruct()`` (the CLI, the add-on and the tests use it, so the
+    models load once per process)."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = Reconstructor()
+        return _default
+
+
 def reconstruct(photo: Union[str, os.PathLike, np.ndarray], face_index: Optional[int] = None,
                 refine: bool = True, texture_size: int = 1024, passes: int = 2,
                 progress: Optional[ProgressFn] = None) -> Result:
     """Reconstruct the (largest, or ``face_index``-th) face of a photo.  Raises FG3DError on bad input."""
-    t: Dict[str, float] = {}
-    say = progress or (lambda stage, frac: None)
-    name = str(photo) if not isinstance(photo, np.ndarray) else "image"
-    say("load", 0.0)
-    with _timed(t, "load"):
-        image = load_image(photo)
-    say("detect", 0.1)
-    with _timed(t, "detect"):
-        face = detect.select_face(detect.detect_faces(image), face_index, name)
-    say("3dmm", 0.35)
-    with _timed(t, "3dmm"):
-        fit = morphable.fit_3dmm(image, face.landmarks, passes=passes)
-        fm = morphable.face_model()
-    coarse = fit.vertices
-    vertices, refined = coarse, False
-    if refine:
-        say("refine", 0.5)
-        with _timed(t, "refine"):
-            vertices, refined = refined_shape(image, fit)
-    say("render", 0.7)
-    h, w = image.shape[:2]
-    with _timed(t, "render"):
-        iv = fit.project(vertices)
-        # render in the window the mesh covers (window coordinates = iv - off), then place it in the photo
-        x0, y0, x1, y1 = render.bounding_window(iv, h, w)
-        win = (slice(y0, y1), slice(x0, x1))
-        iv_win = iv - np.array([x0, y0, 0], dtype=np.float32)
-        ras = render.rasterize(iv_win, fm.triangles, y1 - y0, x1 - x0)
-        mask = np.zeros((h, w), dtype=bool)
-        mask[win] = ras.mask
-        depth = np.full((h, w), np.nan, dtype=np.float32)
-        depth[win] = np.where(ras.mask, ras.depth, np.nan)
-        pncc_rgb = render.interpolate(ras, fm.triangles, render.pncc_colors(fm.mean_mm))
-        pncc = np.zeros((h, w, 3), dtype=np.uint8)
-        pncc[win] = (np.clip(pncc_rgb[:, :, ::-1], 0, 1) * 255 + 0.5).astype(np.uint8)
-        tol = render.occlusion_tolerance(fit.scale)
-        visible = render.visible_vertices(ras, iv_win, tol)
-        normals = render.vertex_normals(vertices, fm.triangles)
-        facing = (normals @ fit.rotation.T)[:, 2]
-    say("texture", 0.85)
-    with _timed(t, "texture"):
-        tex, _ = texture.make_texture(image[win], iv_win, facing, fm.uvs, fm.triangles, ras.depth, texture_size,
-                                      tol)
-    t["total"] = sum(v for k, v in t.items())
-    say("done", 1.0)
-    kp = fm.keypoints
-    return Result(
-        vertices=vertices, vertices_coarse=coarse, triangles=fm.triangles, uvs=fm.uvs, texture=tex,
-        landmarks_2d=iv[kp, :2].copy(), landmarks_3d=vertices[kp].copy(), pose=fit.pose_degrees,
-        camera={"A": fit.A, "b": fit.b, "rotation": fit.rotation, "scale": fit.scale},
-        image_vertices=iv, depth=depth, pncc=pncc, mask=mask, vertex_visible=visible, normals=normals,
-        image=image, face_box=face.box, detected_landmarks=face.landmarks, params=fit.params,
-        refined=refined, source=name, timings=t)
+    opts = Options(face_index=face_index, refine=refine, texture_size=texture_size, passes=passes)
+    return default_reconstructor().reconstruct(photo, opts, progress)

@@ -1,16 +1,18 @@
 """Stage 4 — renders built on the compiled rasterizer: depth, PNCC, visibility, normals, UV maps.
 
 Image-space renders take vertices in pixel coordinates (x col, y row, z toward camera).  UV-space
-renders rasterize the fixed BFM UV layout once per size (cached) and interpolate per-vertex attributes
-into it; ``from_uv`` reads a UV map back at each vertex.  Texel (r, c) of a size-S map covers
+renders interpolate per-vertex attributes into a raster of the UV layout (``uv_raster``; the face model
+keeps one per size); ``from_uv`` reads a UV map back at each vertex.  ``render_face`` rasterizes a
+posed face only in the window it covers, so a small face in a huge photo costs what a small photo
+does; the pipeline, the FGNet inputs and the previews all render through it.  Texel (r, c) of a size-S map covers
 u = (c + 0.5) / S, v = 1 − (r + 0.5) / S, the OpenGL/OBJ convention.
 """
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
-from typing import Dict, Tuple
+from typing import Tuple
 
+import cv2
 import numpy as np
 
 from .. import render_ext as rx
@@ -64,19 +66,6 @@ def pncc_colors(mean_vertices: np.ndarray) -> np.ndarray:
     return ((mean_vertices - lo) / (hi - lo)).astype(np.float32)
 
 
-def bounding_window(image_vertices: np.ndarray, height: int, width: int, margin: int = 2):
-    """Integer window (x0, y0, x1, y1) holding every projected vertex plus ``margin`` px, clipped to the
-    image and at least 1×1.  Rendering only there keeps a face in a huge photo cheap.  x0 and y0 are
-    even, so rounding half to even (np.rint, OpenCV's remap) gives the same pixels in window and photo
-    coordinates: a windowed render is bit-identical to a whole-photo one."""
-    lo = np.floor(image_vertices[:, :2].min(0)).astype(np.int64) - margin
-    lo -= lo % 2
-    hi = np.ceil(image_vertices[:, :2].max(0)).astype(np.int64) + margin + 1
-    x0, y0 = int(np.clip(lo[0], 0, width - 1)), int(np.clip(lo[1], 0, height - 1))
-    x1, y1 = int(np.clip(hi[0], x0 + 1, width)), int(np.clip(hi[1], y0 + 1, height))
-    return x0, y0, x1, y1
-
-
 OCCLUSION_TOLERANCE_MM = 6.0  # a surface point this close behind the z-buffer still counts as visible
 
 
@@ -96,11 +85,63 @@ def visible_vertices(r: Raster, image_vertices: np.ndarray, tolerance: float) ->
     return vis
 
 
+def bounding_window(image_vertices: np.ndarray, height: int, width: int, margin: int = 2):
+    """Integer window (x0, y0, x1, y1) holding every projected vertex plus ``margin`` px, clipped to the
+    image and at least 1×1.  Rendering only there keeps a face in a huge photo cheap.  x0 and y0 are
+    even, so rounding half to even (np.rint, OpenCV's remap) gives the same pixels in window and photo
+    coordinates: a windowed render is bit-identical to a whole-photo one."""
+    lo = np.floor(image_vertices[:, :2].min(0)).astype(np.int64) - margin
+    lo -= lo % 2
+    hi = np.ceil(image_vertices[:, :2].max(0)).astype(np.int64) + margin + 1
+    x0, y0 = int(np.clip(lo[0], 0, width - 1)), int(np.clip(lo[1], 0, height - 1))
+    x1, y1 = int(np.clip(hi[0], x0 + 1, width)), int(np.clip(hi[1], y0 + 1, height))
+    return x0, y0, x1, y1
+
+
+@dataclass
+class FaceRender:
+    """A posed face rasterized in the window it covers: ``raster`` is in window pixels, whose origin is
+    ``(x0, y0)`` of the photo; ``vertices`` are the posed vertices in window coordinates."""
+
+    raster: Raster
+    window: Tuple[int, int, int, int]  # x0, y0, x1, y1 in photo pixels
+    shape: Tuple[int, int]  # the photo's (height, width)
+    vertices: np.ndarray
+
+    @property
+    def offset(self) -> np.ndarray:
+        return np.array([self.window[0], self.window[1], 0], dtype=np.float32)
+
+    @property
+    def slices(self) -> Tuple[slice, slice]:
+        x0, y0, x1, y1 = self.window
+        return slice(y0, y1), slice(x0, x1)
+
+    def in_photo(self, window_map: np.ndarray, fill) -> np.ndarray:
+        """A window-sized map placed into a photo-sized one, ``fill`` elsewhere."""
+        out = np.full(self.shape + window_map.shape[2:], fill, dtype=window_map.dtype)
+        out[self.slices] = window_map
+        return out
+
+
+def render_face(image_vertices: np.ndarray, triangles: np.ndarray, height: int, width: int) -> FaceRender:
+    """Rasterize posed vertices (photo pixels) over a ``height``×``width`` photo, only in their window."""
+    x0, y0, x1, y1 = bounding_window(image_vertices, height, width)
+    local = (image_vertices - np.array([x0, y0, 0], dtype=np.float32)).astype(np.float32)
+    ras = rasterize(local, triangles, y1 - y0, x1 - x0)
+    return FaceRender(raster=ras, window=(x0, y0, x1, y1), shape=(int(height), int(width)), vertices=local)
+
+
+def texel_visibility(pos: np.ndarray, layout: np.ndarray, zbuffer: np.ndarray, tolerance: float,
+                     facing: np.ndarray, min_facing: float) -> np.ndarray:
+    """Texels inside ``layout`` whose position ``pos`` (S,S,3; zbuffer pixels) passes the z-buffer test
+    within ``tolerance`` px and whose facing cosine exceeds ``min_facing``."""
+    zb = cv2.remap(zbuffer, np.ascontiguousarray(pos[:, :, 0]), np.ascontiguousarray(pos[:, :, 1]),
+                   cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=np.inf)
+    return layout & (facing > min_facing) & (pos[:, :, 2] >= zb - tolerance)
+
+
 # ---- UV space -------------------------------------------------------------------------------------
-
-_uv_cache: Dict[Tuple[int, int], Raster] = {}
-_uv_lock = threading.Lock()
-
 
 def uv_pixel_coords(uvs: np.ndarray, size: int) -> np.ndarray:
     """UV (N,2) in [0,1] → (N,3) texel coordinates (x, y, 0) of a size×size map."""
@@ -111,17 +152,8 @@ def uv_pixel_coords(uvs: np.ndarray, size: int) -> np.ndarray:
 
 
 def uv_raster(uvs: np.ndarray, triangles: np.ndarray, size: int) -> Raster:
-    """Rasterization of the UV layout at size×size (computed once per layout and size)."""
-    key = (id(uvs), size)
-    with _uv_lock:
-        if key not in _uv_cache:
-            _uv_cache[key] = rasterize(uv_pixel_coords(uvs, size), triangles, size, size)
-        return _uv_cache[key]
-
-
-def to_uv(attrs: np.ndarray, uvs: np.ndarray, triangles: np.ndarray, size: int) -> np.ndarray:
-    """Per-vertex attributes (N,C) → (size,size,C) UV map (0 outside the layout)."""
-    return interpolate(uv_raster(uvs, triangles, size), triangles, attrs)
+    """Rasterization of a UV layout at size×size (``FaceModel.uv_raster`` keeps one per size)."""
+    return rasterize(uv_pixel_coords(uvs, size), triangles, size, size)
 
 
 def from_uv(uv_map: np.ndarray, uvs: np.ndarray) -> np.ndarray:

@@ -10,18 +10,10 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from .render import interpolate, uv_raster
+from .render import Raster, interpolate, texel_visibility
 
 MIN_FACING = 0.2  # cosine between surface normal and view direction below which a texel is not trusted
 FACING_RAMP = 0.25  # above MIN_FACING + this, the photo alone gives the texel's colour
-
-
-def texel_visibility(pos: np.ndarray, layout: np.ndarray, zbuffer: np.ndarray, tolerance: float,
-                     facing: np.ndarray) -> np.ndarray:
-    """Texels in the photo, not hidden (z-buffer within ``tolerance`` px) and facing the camera."""
-    zb = cv2.remap(zbuffer, np.ascontiguousarray(pos[:, :, 0]), np.ascontiguousarray(pos[:, :, 1]),
-                   cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=np.inf)
-    return layout & (facing > MIN_FACING) & (pos[:, :, 2] >= zb - tolerance)
 
 
 def push_pull_fill(img: np.ndarray, known: np.ndarray) -> np.ndarray:
@@ -57,20 +49,21 @@ def push_pull_fill(img: np.ndarray, known: np.ndarray) -> np.ndarray:
     return cv2.copyTo(img, known.astype(np.uint8), out)
 
 
-def make_texture(image: np.ndarray, image_vertices: np.ndarray, view_normal_z: np.ndarray, uvs: np.ndarray,
-                 triangles: np.ndarray, zbuffer: np.ndarray, size: int = 1024, tolerance: float = 2.0):
-    """UV texture (size,size,3) uint8 BGR and the photo's weight per texel (size,size) float32 in [0,1].
+def make_texture(image: np.ndarray, image_vertices: np.ndarray, view_normal_z: np.ndarray, uv_raster: Raster,
+                 triangles: np.ndarray, zbuffer: np.ndarray, tolerance: float = 2.0):
+    """UV texture (S,S,3) uint8 BGR and the photo's weight per texel (S,S) float32 in [0,1], S the size
+    of ``uv_raster`` (the face model's UV layout).
 
     ``view_normal_z``: per-vertex cosine between the posed normal and the direction to the camera.
     A visible texel's weight ramps from 0 at ``MIN_FACING`` to 1 at ``MIN_FACING + FACING_RAMP``;
     where it is below 1 the photo is blended with the fill (mirror texel, else push–pull), so grazing
     surfaces fade into the filled side instead of ending at a seam.
     """
-    r = uv_raster(uvs, triangles, size)
+    r = uv_raster
     attrs = np.column_stack([image_vertices, view_normal_z])
     interp = interpolate(r, triangles, attrs)
     pos, layout, facing = interp[:, :, :3], r.mask, interp[:, :, 3]
-    vis = texel_visibility(pos, layout, zbuffer, tolerance, facing)
+    vis = texel_visibility(pos, layout, zbuffer, tolerance, facing, MIN_FACING)
     weight = np.where(vis, np.clip((facing - MIN_FACING) / FACING_RAMP, 0.0, 1.0), 0.0).astype(np.float32)
     photo = cv2.remap(image, np.ascontiguousarray(pos[:, :, 0]), np.ascontiguousarray(pos[:, :, 1]),
                       cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)

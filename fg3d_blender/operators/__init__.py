@@ -7,12 +7,13 @@ bpy), ``build`` (Result → Blender data), ``ops`` (operators), ``ui`` (sidebar 
 
 
 def _classes():
-    from . import ops, prefs, ui
+    from . import ops, prefs, ui  # they import bpy: only inside Blender, at registration
     return (*prefs.CLASSES, *ui.CLASSES, *ops.CLASSES)
 
 
 def register():
-    import bpy
+    import bpy  # inside Blender only
+
     from . import ui
     for cls in _classes():
         bpy.utils.register_class(cls)
@@ -20,7 +21,8 @@ def register():
 
 
 def unregister():
-    import bpy
+    import bpy  # inside Blender only
+
     from . import ui
     ui.unregister_props()
     for cls in reversed(_classes()):

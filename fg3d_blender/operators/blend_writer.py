@@ -15,7 +15,7 @@ from ..core.errors import FG3DError
 def require_bpy():
     """The bpy module, or one clear line saying how to get it."""
     try:
-        import bpy
+        import bpy  # optional: the bpy module or Blender itself; the CLI runs without it
     except ImportError:
         raise FG3DError("--format blend needs Blender's Python module: pip install bpy==5.0.1 "
                         "(Python 3.11), or run inside Blender") from None
@@ -25,7 +25,8 @@ def require_bpy():
 def write_blend(path: str, result, add_camera: bool = True, add_images: bool = True) -> None:
     """Save ``result`` as a .blend at ``path`` (the current bpy session is reset to an empty file)."""
     bpy = require_bpy()
-    from .build import BuildOptions, add_result
+    from .build import BuildOptions, add_result  # imports bpy, which require_bpy has just checked
+
     bpy.ops.wm.read_homefile(use_empty=True, use_factory_startup=True)
     scene = bpy.context.scene
     add_result(result, scene, scene.collection, bpy.context.view_layer,

@@ -18,6 +18,8 @@ import bpy
 import numpy as np
 from mathutils import Matrix, Vector
 
+from ..core.export import depth_image, png_bytes
+
 #: BFM (x right, y up, z to the viewer) → Blender (X right, Y away from the viewer, Z up); det = +1.
 BFM_TO_BLENDER = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
 MM = 0.001
@@ -49,15 +51,10 @@ def to_blender(vertices_mm: np.ndarray, centre_mm: np.ndarray) -> np.ndarray:
     return ((np.asarray(vertices_mm, np.float64) - centre_mm) @ BFM_TO_BLENDER.T * MM).astype(np.float32)
 
 
-def _png_bytes(img: np.ndarray) -> bytes:
-    from ..core.export import _png_bytes as encode
-    return encode(img)
-
-
 def _packed_image(name: str, img_bgr: np.ndarray, created: list, non_color: bool = False):
     """A new image datablock holding ``img_bgr`` as an embedded PNG (saved inside the .blend)."""
     h, w = img_bgr.shape[:2]
-    data = _png_bytes(img_bgr)
+    data = png_bytes(img_bgr)
     im = bpy.data.images.new(name, w, h)
     created.append(im)
     im.pack(data=data, data_len=len(data))
@@ -235,7 +232,6 @@ def add_result(result, scene, collection, view_layer=None, options: Optional[Bui
             ob[PROP_PHOTO] = photo
             built.images.append(photo)
         if opts.add_images:
-            from ..core.export import depth_image
             depth = _packed_image(f"{base}_depth", depth_image(result), created, non_color=True)
             pncc = _packed_image(f"{base}_pncc", result.pncc, created, non_color=True)
             ob[PROP_DEPTH], ob[PROP_PNCC] = depth, pncc  # ID properties keep them in the saved file

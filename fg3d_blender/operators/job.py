@@ -12,6 +12,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from ..core.errors import FG3DError
+
 STAGE_LABELS = {
     "load": "Loading the photo", "detect": "Finding the face", "3dmm": "Fitting the 3D face model",
     "refine": "FGNet refinement", "render": "Rendering depth and PNCC", "texture": "Baking the texture",
@@ -36,13 +38,15 @@ def apply_environment(settings: Settings) -> None:
         if value:
             os.environ[key] = value
     if settings.threads > 0:
-        import torch
+        import torch  # heavy (~1.5 s): loaded when a run starts, never when the add-on is enabled
+
         torch.set_num_threads(int(settings.threads))
 
 
 def run_pipeline(settings: Settings, progress: Optional[Callable[[str, float], None]] = None):
     """The one call both the synchronous and the threaded path make."""
-    from ..core.pipeline import reconstruct
+    from ..core.pipeline import reconstruct  # imports torch: loaded when a run starts, not at enable time
+
     apply_environment(settings)
     return reconstruct(settings.filepath, face_index=settings.face_index, refine=settings.refine,
                        texture_size=settings.texture_size, progress=progress)
@@ -50,7 +54,6 @@ def run_pipeline(settings: Settings, progress: Optional[Callable[[str, float], N
 
 def error_line(exc: BaseException) -> str:
     """One line for the user: FG3DError text as is; anything else named, without a traceback."""
-    from ..core.errors import FG3DError
     if isinstance(exc, FG3DError):
         return str(exc)
     return " ".join(f"internal error ({type(exc).__name__}: {exc})".split())
@@ -109,3 +112,12 @@ class Job:
     @property
     def label(self) -> str:
         return f"{STAGE_LABELS.get(self.stage, self.stage)} … {int(round(self.fraction * 100))}%"
+
+
+#: The jobs now running, by kind ("reconstruct", "fetch"), for the panel and the preferences.
+running: Dict[str, Job] = {}
+
+
+def running_label(kind: str) -> str:
+    job = running.get(kind)
+    return job.label if job is not None else ""

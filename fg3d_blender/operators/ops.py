@@ -9,25 +9,18 @@ or with ``synchronous=True`` the same code runs synchronously.
 from __future__ import annotations
 
 import sys
-from typing import Any, Dict, Optional
+from typing import Any, Optional
 
 import bpy
 from bpy.props import BoolProperty, EnumProperty, IntProperty, StringProperty
 
+from ..core.assets import cache_dir, fetch_assets, manifest
 from . import prefs
-from .job import Job, Settings, error_line, run_pipeline
+from .build import BuildOptions, add_result
+from .job import STAGE_LABELS, Job, Settings, apply_environment, error_line, run_pipeline, running
 
 PHOTO_GLOB = "*.jpg;*.jpeg;*.png;*.bmp;*.tif;*.tiff;*.webp"
 TEXTURE_SIZES = [(s, s, f"{s}×{s} pixel texture") for s in ("256", "512", "1024", "2048")]
-
-#: The jobs now running, by kind ("reconstruct", "fetch"), for the panel and the preferences.
-_running: Dict[str, Job] = {}
-
-
-def running_label(kind: str) -> str:
-    job = _running.get(kind)
-    return job.label if job is not None else ""
-
 
 def _redraw(context) -> None:
     screen = getattr(context, "screen", None)
@@ -46,11 +39,11 @@ class _ModalJob:
     _timer: Any = None
 
     def _start_modal(self, context, job: Job):
-        if self.kind in _running:
+        if self.kind in running:
             self.report({'ERROR'}, "FG3D is already busy with this; wait for it or press Esc")  # type: ignore[attr-defined]
             return {'CANCELLED'}
         self._job = job.start()
-        _running[self.kind] = job
+        running[self.kind] = job
         wm = context.window_manager
         self._timer = wm.event_timer_add(0.1, window=context.window)
         wm.progress_begin(0, 100)
@@ -70,7 +63,7 @@ class _ModalJob:
             wm.event_timer_remove(self._timer)
             self._timer = None
         wm.progress_end()
-        _running.pop(self.kind, None)
+        running.pop(self.kind, None)
         self._status(context, None)
 
     def modal(self, context, event):
@@ -109,7 +102,6 @@ def _interactive(context, synchronous: bool) -> bool:
 
 
 def _print_progress(stage: str, fraction: float) -> None:
-    from .job import STAGE_LABELS
     print(f"FG3D: {STAGE_LABELS.get(stage, stage)} {int(round(fraction * 100))}%", file=sys.stderr, flush=True)
 
 
@@ -166,7 +158,6 @@ class FG3D_OT_reconstruct(_ModalJob, bpy.types.Operator):
         return self._apply(context, result)
 
     def _apply(self, context, result):
-        from .build import BuildOptions, add_result
         if result is None:
             return {'CANCELLED'}
         try:
@@ -185,8 +176,6 @@ class FG3D_OT_reconstruct(_ModalJob, bpy.types.Operator):
 
 
 def _fetch(settings: Settings, progress=None):
-    from ..core.assets import fetch_assets, manifest
-    from .job import apply_environment
     apply_environment(settings)
     total = max(1, sum(1 for e in manifest().values() if e.get("required", True)))
     done = [0]
@@ -220,11 +209,10 @@ class FG3D_OT_fetch_assets(_ModalJob, bpy.types.Operator):
         return self._apply(context, n)
 
     def _apply(self, context, result):
-        from ..core.assets import cache_dir
         self.report({'INFO'}, f"FG3D: assets ready in {cache_dir()} ({result or 0} fetched now)")
         return {'FINISHED'}
 
 
 CLASSES = (FG3D_OT_reconstruct, FG3D_OT_fetch_assets)
 
-__all__ = ["FG3D_OT_reconstruct", "FG3D_OT_fetch_assets", "CLASSES", "running_label"]
+__all__ = ["FG3D_OT_reconstruct", "FG3D_OT_fetch_assets", "CLASSES"]

@@ -6,6 +6,9 @@ from typing import Dict, List, Optional
 import bpy
 from bpy.props import IntProperty, StringProperty
 
+from ..core.assets import CACHE_ENV, MIRROR_ENV, manifest
+from .job import running_label
+
 #: The add-on's module name: ``fg3d_blender`` (legacy add-on, bpy module) or
 #: ``bl_ext.<repository>.fg3d_blender`` (Blender 4.2+ extension).
 ADDON_ID = (__package__ or "fg3d_blender.operators").rsplit(".", 1)[0]
@@ -36,7 +39,6 @@ def draw_preferences(layout, prefs) -> None:
     col.prop(prefs, "threads")
     row = layout.row()
     row.operator("fg3d.fetch_assets", icon='IMPORT')
-    from .ops import running_label
     label = running_label("fetch")
     if label:
         row.label(text=label)
@@ -56,7 +58,6 @@ def get_prefs(context=None) -> Optional[FG3D_AddonPreferences]:
 
 def environment(context=None) -> Dict[str, str]:
     """``FG3D_CACHE_DIR`` / ``FG3D_ASSET_MIRROR`` from the preferences (only the ones that are set)."""
-    from ..core.assets import CACHE_ENV, MIRROR_ENV
     prefs = get_prefs(context)
     env: Dict[str, str] = {}
     if prefs is not None:
@@ -76,7 +77,6 @@ def licence_lines() -> List[str]:
     lines = ["Add-on code: BSD-2-Clause.",
              "Model files are third-party, fetched separately, never bundled:"]
     try:
-        from ..core.assets import manifest
         seen: Dict[str, str] = {}
         for rel, entry in manifest().items():
             seen.setdefault(rel.split("/")[0], entry.get("licence", "see upstream"))

@@ -7,7 +7,10 @@ from typing import Any, Optional
 import bpy
 from bpy.props import BoolProperty, EnumProperty, IntProperty, PointerProperty, StringProperty
 
-from .ops import PHOTO_GLOB, TEXTURE_SIZES, running_label
+from bpy.utils import previews
+
+from .job import running_label
+from .ops import PHOTO_GLOB, TEXTURE_SIZES
 
 _previews: Optional[Any] = None  # bpy.utils.previews collection of photo thumbnails
 PHOTO_EXTS = tuple(e.lstrip("*") for e in PHOTO_GLOB.split(";"))
@@ -85,14 +88,12 @@ def register_props() -> None:
     bpy.types.Scene.fg3d = PointerProperty(  # type: ignore[attr-defined,func-returns-value]
         type=FG3D_SceneSettings)
     if not bpy.app.background:
-        from bpy.utils import previews
         _previews = previews.new()
 
 
 def unregister_props() -> None:
     global _previews
     if _previews is not None:
-        from bpy.utils import previews
         previews.remove(_previews)
         _previews = None
     if hasattr(bpy.types.Scene, "fg3d"):

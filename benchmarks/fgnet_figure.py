@@ -1,4 +1,4 @@
-"""Figure rows ``photo | coarse | refined | detail`` for FGNet (``python -m fg3d_blender.core.fgnet_figure``).
+"""``bench figure OUT PHOTO…``: FGNet figure rows ``photo | coarse | refined | detail``.
 
 Coarse and refined meshes are shaded (Lambert, light from the camera) over the photo's face region;
 the detail panel colours the refinement's displacement along the surface normal (red = outward,
@@ -6,14 +6,14 @@ blue = inward, ±``DETAIL_RANGE_MM``).
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import List
 
 import cv2
 import numpy as np
 
-from . import render
+from fg3d_blender.core import render
+from fg3d_blender.core.pipeline import Options, Reconstructor
 
 DETAIL_RANGE_MM = 2.0
 PANEL = 256
@@ -21,7 +21,8 @@ PANEL = 256
 
 def _shade(image, iv, normals_cam, triangles, colors=None):
     h, w = image.shape[:2]
-    ras = render.rasterize(iv, triangles, h, w)
+    face = render.render_face(iv, triangles, h, w)
+    ras = face.raster
     n = render.interpolate(ras, triangles, normals_cam)
     shade = np.clip(n[:, :, 2] / np.maximum(np.linalg.norm(n, axis=-1), 1e-6), 0, 1) * 0.85 + 0.1
     if colors is None:
@@ -29,7 +30,8 @@ def _shade(image, iv, normals_cam, triangles, colors=None):
     else:
         rgb = render.interpolate(ras, triangles, colors) * (0.5 + 0.5 * shade[..., None])
     out = (image.astype(np.float32) / 255) * 0.25
-    out[ras.mask] = rgb[ras.mask]
+    win = out[face.slices]
+    win[ras.mask] = rgb[ras.mask]
     return (np.clip(out, 0, 1) * 255).astype(np.uint8)
 
 
@@ -41,10 +43,10 @@ def _diverging(x):
 
 
 def figure_rows(photos: List[Path]) -> np.ndarray:
-    from .pipeline import reconstruct
+    rec = Reconstructor()
     rows = []
     for p in photos:
-        r = reconstruct(p, texture_size=256)
+        r = rec.reconstruct(p, Options(texture_size=256))
         tri, rot = r.triangles, r.camera["rotation"]
         panels = [r.image]
         for v in (r.vertices_coarse, r.vertices):
@@ -63,8 +65,8 @@ def figure_rows(photos: List[Path]) -> np.ndarray:
     return np.vstack(rows)
 
 
-if __name__ == "__main__":
-    out = Path(sys.argv[1])
+def run(args) -> dict:
+    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(out), figure_rows([Path(a) for a in sys.argv[2:]]))
-    print(out)
+    cv2.imwrite(str(out), figure_rows([Path(a) for a in args.photos]))
+    return {"out": str(out), "rows": len(args.photos)}

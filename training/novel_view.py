@@ -15,7 +15,7 @@ from typing import Tuple
 import cv2
 import numpy as np
 
-from . import render
+from fg3d_blender.core import render
 
 BACKGROUND_BLUR_PX = 6.0  # the photo behind the turned face, blurred so no second face shows
 

@@ -1,0 +1,63 @@
+"""``bench …``: the benchmarks' command line (registered by ``fg3d_blender.cli`` from a checkout).
+Each prints its numbers, or one JSON line with ``--json``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from . import aflw2000, consistency, fgnet_figure, heldout, memory, raster, speed
+
+DEFAULT_PHOTO = str(Path(__file__).resolve().parents[2] / "shared/photos/fg3d_examples/AFW_1814664578_2_0.jpg")
+RUNNERS = {"aflw2000": aflw2000.run, "speed": speed.run, "consistency": consistency.run,
+           "heldout": heldout.run, "memory": memory.run, "raster": raster.run, "figure": fgnet_figure.run}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="bench", required=True)
+    a = sub.add_parser("aflw2000", help="landmark NME on AFLW2000-3D (images/ + labels.npz)")
+    a.add_argument("--dir", required=True)
+    a.add_argument("--crop", choices=["gt", "detect"], default="detect")
+    a.add_argument("--no-refine", action="store_true")
+    a.add_argument("--limit", type=int, default=0, help="first N photos only (0 = all)")
+    a.add_argument("--passes", type=int, default=0,
+                   help="regressor passes (default: 1 for --crop gt, the published protocol; else the pipeline's)")
+    a.add_argument("--no-refit", action="store_true", help="skip the landmark refit of the 3DMM")
+    s = sub.add_parser("speed", help="warm per-stage medians and cold start for one photo")
+    s.add_argument("photo")
+    s.add_argument("--repeat", type=int, default=20)
+    s.add_argument("--no-refine", action="store_true")
+    s.add_argument("--texture-size", type=int, default=1024)
+    c = sub.add_parser("consistency", help="one person at many poses: vertex deviation (mm) from the mean shape")
+    c.add_argument("--dir", required=True)
+    c.add_argument("--no-refine", action="store_true")
+    h = sub.add_parser("heldout", help="FGNet on the held-out training photos: photometric error, landmark "
+                                       "NME, coarse vs refined, and the detail measure (mm)")
+    h.add_argument("--cache", required=True, help="the train-fgnet cache folder")
+    h.add_argument("--photos", help="photo folder to (re)build the cache from when it is incomplete")
+    h.add_argument("--limit", type=int, default=0)
+    h.add_argument("--landmark-target", choices=["head", "dlib"], default="head",
+                   help="landmarks the NME is measured against (the regressor's landmark head, or dlib's)")
+    m = sub.add_parser("memory", help="peak memory of a small face pasted into a large photo")
+    m.add_argument("photo")
+    m.add_argument("--canvas", default="4032x3024", help="W×H of the large photo (default 12 MP)")
+    m.add_argument("--face-px", type=int, default=150, help="width of the pasted face box, px")
+    m.add_argument("--texture-size", type=int, default=1024)
+    r = sub.add_parser("raster", help="compiled rasterizer vs the numpy reference on the real mesh")
+    r.add_argument("photo", nargs="?", default=DEFAULT_PHOTO)
+    f = sub.add_parser("figure", help="FGNet figure rows photo | coarse | refined | detail into a PNG")
+    f.add_argument("out")
+    f.add_argument("photos", nargs="+")
+    for p in (a, s, c, h, m, r, f):
+        p.add_argument("--json", action="store_true", help="print one JSON line")
+
+
+def run(args) -> int:
+    out = RUNNERS[args.bench](args)
+    if args.json:
+        print(json.dumps(out))
+    else:
+        for k, v in out.items():
+            print(f"{k}: {v}")
+    return 0

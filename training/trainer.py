@@ -1,0 +1,185 @@
+"""FGNet training (``python -m fg3d_blender train-fgnet``): self-supervised on real photos, optionally
+fine-tuned with synthetic views of known shape.
+
+1. Cache (``cache``): every photo's coarse fit exactly as the pipeline makes it, and the loss inputs.
+2. Training: the network sees exactly the inputs the pipeline gives it (``fgnet_inputs``, through
+   ``Batcher``) and predicts a UV shape-difference map D (mm) added to the coarse UV position map;
+   the losses are in ``losses``.
+3. Synthetic views (``--views N``, usually a fine-tune with ``--init``): single photos carry no
+   multi-view signal, so ``views`` renders training faces turned away from the camera, whose 3D shape
+   is known, and their 3D error is added for ``--views-per-batch`` renders per step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from fg3d_blender.core.assets import sha256_of, write_bundled
+from fg3d_blender.core.fgnet import FGNet, load_checkpoint
+from fg3d_blender.core.fgnet_inputs import PAF_K
+from fg3d_blender.core.image_io import list_photos
+from fg3d_blender.core.pipeline import Reconstructor
+from fg3d_blender.core.refine import FGNetRefiner
+
+from .batches import Batcher
+from .cache import build_cache, is_holdout, load_cache
+from .evaluate import evaluate, evaluate_views, recalibrate_bn
+from .losses import Losses
+from .views import build_view_cache
+
+FGNET_LICENCE = "BSD-2-Clause (this project's own training output; see FGNET_MODEL_CARD.md)"
+
+
+def cosine_lr(lr: float, step: int, steps: int) -> float:
+    """Cosine schedule from ``lr`` down to 5 % of it at ``steps``."""
+    return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps)))
+
+
+def save_weights(net, path: Path, meta: dict) -> str:
+    """fp16 weights in our format (``state_dict`` + width/size metadata), written atomically; → sha256."""
+    state = {k: (v.half() if v.is_floating_point() else v) for k, v in net.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(dict(meta, state_dict=state), str(tmp))
+    os.replace(tmp, path)
+    return sha256_of(path)
+
+
+def train(photos: Path, out: Path, steps: int = 2000, resume: bool = False, cache: Optional[Path] = None,
+          width: int = 8, size: int = 128, batch: int = 8, lr: float = 1e-3, checkpoint_every: int = 100,
+          eval_every: int = 500, seed: int = 0, target: str = "head", threads: int = 1,
+          init: Optional[Path] = None, views: int = 0, views_per_batch: int = 4, view_weight: float = 0.15,
+          log=print) -> dict:
+    """Train (or, with ``init``, fine-tune) FGNet on ``photos``; see the module docstring.
+
+    ``views`` > 0 adds that many synthetic views of training photos (``view_one``; their geometry is the
+    coarse fit plus ``init``'s refinement, or the coarse fit alone without ``init``), ``views_per_batch``
+    per step, with their 3D shape error weighted by ``view_weight`` per mm."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(threads)
+    rec = Reconstructor()
+    fm = rec.face_model
+    cache = Path(cache or out.with_suffix(".cache"))
+    if Path(photos).is_dir():
+        build_cache(rec, list_photos(photos), cache, size, log=log)  # resumable: finished shards are kept
+    data = load_cache(cache)
+    if data["size"] != size:
+        raise ValueError(f"cache {cache} was built at UV size {data['size']}, not {size}")
+    hold = np.array([is_holdout(str(n)) for n in data["names"]])
+    train_idx, held_idx = np.flatnonzero(~hold), np.flatnonzero(hold)
+    log(f"{len(data['names'])} cached faces: {len(train_idx)} train, {len(held_idx)} held out; device {device}")
+    batcher = Batcher(fm, data, size, device, target)
+    losses = Losses(fm, batcher.uvm, device, target=target)
+    torch.manual_seed(seed)
+    teacher, tag = None, ""
+    if init is not None:
+        teacher = FGNetRefiner(load_checkpoint(init), fm, size)
+        tag = sha256_of(Path(init))
+        width = teacher.net.width
+    net = FGNet(width=width).to(device)
+    net.set_bn_momentum(0.1)
+    if teacher is not None:
+        net.load_state_dict(teacher.net.state_dict())
+    else:
+        torch.nn.init.zeros_(net.output_conv[0].weight)
+        torch.nn.init.zeros_(net.output_conv[0].bias)
+    vbatcher, view_train, view_held = None, np.zeros(0, int), np.zeros(0, int)
+    if views > 0:
+        pick = np.random.default_rng(seed).permutation(train_idx)[:views]
+        held_pick = held_idx[:max(1, views // 20)]
+        build_view_cache(rec, data, np.concatenate([pick, held_pick]), cache / "views", size, teacher, tag, log=log)
+        vdata = load_cache(cache / "views", "views_*.npz")
+        vhold = np.array([is_holdout(str(n)[len("view_"):]) for n in vdata["names"]])
+        view_train, view_held = np.flatnonzero(~vhold), np.flatnonzero(vhold)
+        vbatcher = Batcher(fm, vdata, size, device, "head")
+        log(f"{len(vdata['names'])} synthetic views: {len(view_train)} train, {len(view_held)} held out")
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    ckpt = out.with_name(out.name + ".ckpt")
+    step, history = 0, []
+    if resume and ckpt.is_file():
+        ck = torch.load(ckpt, map_location=device, weights_only=True)
+        net.load_state_dict(ck["state_dict"])
+        opt.load_state_dict(ck["optimizer"])
+        step, history = int(ck["step"]), json.loads(ck["history"])
+        log(f"resumed from {ckpt} at step {step}")
+    rng = np.random.default_rng(seed + step)
+    t0, seen = time.perf_counter(), 0
+    run = {}
+    while step < steps:
+        net.train()
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(lr, step, steps)
+        b = batcher.batch(rng.choice(train_idx, batch, replace=False))
+        d = net(b["paf"], b["vis"], b["shape"])
+        total, parts = losses(d, b)
+        if vbatcher is not None:
+            bv = vbatcher.batch(rng.choice(view_train, min(views_per_batch, len(view_train)), replace=False))
+            dv = net(bv["paf"], bv["vis"], bv["shape"])
+            tv, _ = losses(dv, bv)
+            err = losses.shape_error_mm(dv, bv).mean()
+            total = total + tv * (len(bv["paf"]) / batch) + view_weight * err
+            parts["view_3d_mm"] = float(err.detach())
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
+        opt.step()
+        step += 1
+        seen += 1
+        for k, v in parts.items():
+            run[k] = 0.9 * run.get(k, v) + 0.1 * v
+        if step % 10 == 0 or step == steps:
+            rate = (time.perf_counter() - t0) / seen
+            bar = "#" * int(30 * step / steps)
+            log(f"[{bar:30s}] step {step}/{steps} " + " ".join(f"{k} {v:.4g}" for k, v in run.items())
+                + f" | {rate:.2f} s/step, ETA {rate * (steps - step) / 60:.0f} min")
+        if step % checkpoint_every == 0 or step == steps:
+            history.append({"step": step, **run})
+            tmp = ckpt.with_name(f".{ckpt.name}.tmp")
+            torch.save({"state_dict": net.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                        "history": json.dumps(history)}, str(tmp))
+            os.replace(tmp, ckpt)
+            save_weights(net, out, {"width": width, "uv_size": size, "paf_k": PAF_K, "step": step,
+                                         "landmark_target": target})
+        if eval_every and step % eval_every == 0 and step < steps:
+            recalibrate_bn(net, batcher, train_idx, seed=step)
+            ev = evaluate(net, batcher, losses, held_idx[:256])
+            if vbatcher is not None:
+                ev.update(evaluate_views(net, vbatcher, losses, view_held))
+            log("held-out: " + json.dumps(ev))
+    recalibrate_bn(net, batcher, train_idx, batches=80, seed=step)
+    ev = evaluate(net, batcher, losses, held_idx)
+    if vbatcher is not None:
+        ev.update(evaluate_views(net, vbatcher, losses, view_held))
+    sha = save_weights(net, out, {"width": width, "uv_size": size, "paf_k": PAF_K, "step": step,
+                                  "landmark_target": target, "heldout": json.dumps(ev), "views": views,
+                                  "init_sha256": tag})
+    log("final held-out: " + json.dumps(ev))
+    return {"out": str(out), "sha256": sha, "steps": step, "heldout": ev, "device": str(device),
+            "landmark_target": target, "views": views, "init_sha256": tag}
+
+
+def install_weights(src: Path, models: Path, name: Optional[str] = None) -> dict:
+    """Copy trained weights into ``models/`` and record them (role ``fgnet``: file, sha256, width, UV size,
+    …) in ``models/assets.json``; returns the manifest entry."""
+    ck = torch.load(src, map_location="cpu", weights_only=True)
+    name = name or f"fgnet_w{int(ck['width'])}_uv{int(ck['uv_size'])}.pt"
+    dst = models / name
+    if Path(src).resolve() != dst.resolve():
+        shutil.copyfile(src, dst)
+    meta = {"width": int(ck["width"]), "uv_size": int(ck["uv_size"]), "paf_k": int(ck["paf_k"]),
+            "steps": int(ck["step"]), "landmark_target": str(ck.get("landmark_target", "dlib"))}
+    if int(ck.get("views", 0)):
+        meta.update(views=int(ck["views"]), init_sha256=str(ck["init_sha256"]))
+    entry = {"role": "fgnet", "path": name, "size": dst.stat().st_size, "sha256": sha256_of(dst),
+             "licence": FGNET_LICENCE, "meta": meta}
+    write_bundled(models, entry)
+    return entry
