@@ -8,13 +8,19 @@ FG3D_ASSET_MIRROR ?= $(if $(wildcard ../shared/models/beyond3dmm),$(abspath ../s
 export FG3D_ASSET_MIRROR
 EXT := fg3d_blender/render_ext/_raster$(shell $(PYTHON) -c "import sysconfig;print(sysconfig.get_config_var('EXT_SUFFIX'))")
 
-.PHONY: demo test setup build assets addon clean
+.PHONY: demo test test-fast lint setup build assets addon clean
 
 demo: setup
 	$(PY) -m fg3d_blender demo -o out
 
 test: setup
 	$(PY) -m pytest -q tests
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" tests
+
+lint: $(VENV)/.stamp
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
 setup: $(VENV)/.stamp $(EXT) assets
 

@@ -19,6 +19,7 @@ numpy is Blender's).  Wheels are the versions installed in the building environm
 with ``pip wheel --no-deps`` into ``build/wheels`` (pass index options with ``--pip-args``, e.g.
 ``--pip-args="--extra-index-url https://download.pytorch.org/whl/cpu"`` for torch's CPU build).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,19 @@ ROOT = Path(__file__).resolve().parent
 PKG = "fg3d_blender"
 #: What the add-on imports that Blender's bundled Python does not have (numpy is Blender's).
 WHEEL_PACKAGES = [
-    "torch", "filelock", "typing_extensions", "sympy", "mpmath", "networkx", "jinja2", "markupsafe",
-    "fsspec", "scipy", "dlib-bin", "opencv-python-headless", "face-recognition-models",
+    "torch",
+    "filelock",
+    "typing_extensions",
+    "sympy",
+    "mpmath",
+    "networkx",
+    "jinja2",
+    "markupsafe",
+    "fsspec",
+    "scipy",
+    "dlib-bin",
+    "opencv-python-headless",
+    "face-recognition-models",
 ]
 MANIFEST_NAME = "blender_manifest.toml"
 CODE_SUFFIXES = {".py", ".pyx"}
@@ -87,13 +99,19 @@ def package_files() -> List[Tuple[Path, str]]:
             out.append((path, rel.as_posix()))
             compiled = True
     if not compiled:
-        raise SystemExit(f"build_addon: {PKG}/render_ext/_raster{ext_suffix} is missing; build it first: "
-                         f"{sys.executable} setup.py build_ext --inplace")
+        raise SystemExit(
+            f"build_addon: {PKG}/render_ext/_raster{ext_suffix} is missing; build it first: "
+            f"{sys.executable} setup.py build_ext --inplace"
+        )
     models = ROOT / "models"
     third_party = third_party_names()
     for path in sorted(models.rglob("*")):
         rel = path.relative_to(models)
-        if not path.is_file() or any(p.startswith(".") for p in rel.parts) or path.suffix not in MODEL_SUFFIXES:
+        if (
+            not path.is_file()
+            or any(p.startswith(".") for p in rel.parts)
+            or path.suffix not in MODEL_SUFFIXES
+        ):
             continue
         if rel.as_posix() in third_party or path.name in {Path(t).name for t in third_party}:
             continue  # a third-party model file: never shipped, fetched by the user
@@ -117,8 +135,10 @@ def wanted_wheels() -> Dict[str, str]:
         try:
             wanted[_norm(name)] = metadata.version(name)
         except metadata.PackageNotFoundError:
-            raise SystemExit(f"build_addon: {name} is not installed here; install requirements.txt first "
-                             "(the wheels are taken at the installed versions)") from None
+            raise SystemExit(
+                f"build_addon: {name} is not installed here; install requirements.txt first "
+                "(the wheels are taken at the installed versions)"
+            ) from None
     return wanted
 
 
@@ -143,8 +163,10 @@ def collect_wheels(cache: Path, pip_args: List[str]) -> List[Path]:
         cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(cache), *pip_args, *missing]
         print("build_addon: fetching wheels:", " ".join(missing), file=sys.stderr)
         if subprocess.run(cmd).returncode != 0:
-            raise SystemExit("build_addon: could not fetch the wheels (see pip's message above); "
-                             "use --no-wheels, or --pip-args for another index")
+            raise SystemExit(
+                "build_addon: could not fetch the wheels (see pip's message above); "
+                "use --no-wheels, or --pip-args for another index"
+            )
     found = cached_wheels(cache)
     still = [n for n in WHEEL_PACKAGES if _norm(n) not in found]
     if still:
@@ -183,6 +205,7 @@ def manifest_toml(ver: str, wheels: List[str]) -> str:
 
 def _bl_info() -> dict:
     import ast
+
     tree = ast.parse((ROOT / PKG / "__init__.py").read_text(encoding="utf-8"))
     for node in tree.body:
         if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "bl_info" for t in node.targets):
@@ -190,8 +213,12 @@ def _bl_info() -> dict:
     raise SystemExit("build_addon: bl_info not found in fg3d_blender/__init__.py")
 
 
-def build(out_dir: Path, with_wheels: bool = True, wheel_cache: Optional[Path] = None,
-          pip_args: Optional[List[str]] = None) -> Path:
+def build(
+    out_dir: Path,
+    with_wheels: bool = True,
+    wheel_cache: Optional[Path] = None,
+    pip_args: Optional[List[str]] = None,
+) -> Path:
     ver = version()
     files = package_files()
     wheels = collect_wheels(wheel_cache or ROOT / "build" / "wheels", pip_args or []) if with_wheels else []
@@ -217,14 +244,20 @@ def build(out_dir: Path, with_wheels: bool = True, wheel_cache: Optional[Path] =
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("-o", "--output", default=str(ROOT / "dist"), metavar="DIR", help="output folder (dist/)")
-    p.add_argument("--no-wheels", action="store_true",
-                   help="leave the dependency wheels out (for a Blender that already has them)")
+    p.add_argument(
+        "--no-wheels",
+        action="store_true",
+        help="leave the dependency wheels out (for a Blender that already has them)",
+    )
     p.add_argument("--wheel-cache", default=None, metavar="DIR", help="where wheels are kept (build/wheels)")
     p.add_argument("--pip-args", default="", help="extra arguments for `pip wheel` (quoted)")
     args = p.parse_args(argv)
-    dest = build(Path(args.output), with_wheels=not args.no_wheels,
-                 wheel_cache=Path(args.wheel_cache) if args.wheel_cache else None,
-                 pip_args=shlex.split(args.pip_args))
+    dest = build(
+        Path(args.output),
+        with_wheels=not args.no_wheels,
+        wheel_cache=Path(args.wheel_cache) if args.wheel_cache else None,
+        pip_args=shlex.split(args.pip_args),
+    )
     size = dest.stat().st_size / 1e6
     print(f"{dest} ({size:.1f} MB{', no wheels' if args.no_wheels else ''}; Blender {blender_platform()})")
     return 0

@@ -1,4 +1,5 @@
 """Builds the compiled renderer: ``python setup.py build_ext --inplace``."""
+
 import numpy
 from Cython.Build import cythonize
 from setuptools import Extension, setup

@@ -76,12 +76,21 @@ def run(args) -> dict:
         pred = fitted_landmarks(rec, image, start, passes, not args.no_refine, not args.no_refit)
         errs[i] = nme(pred, gt)
         if (i + 1) % 50 == 0 or i + 1 == n:
-            sys.stderr.write(f"\r{i + 1}/{n} NME so far {errs[:i + 1].mean() * 100:.2f}% "
-                             f"({(time.perf_counter() - t0) / (i + 1) * 1000:.0f} ms/photo)")
+            sys.stderr.write(
+                f"\r{i + 1}/{n} NME so far {errs[: i + 1].mean() * 100:.2f}% "
+                f"({(time.perf_counter() - t0) / (i + 1) * 1000:.0f} ms/photo)"
+            )
             sys.stderr.flush()
     sys.stderr.write("\n")
     out = balanced(errs[:n], yaws[:n])
-    out.update({"n": n, "crop": args.crop, "refine": not args.no_refine, "refit": not args.no_refit,
-                "passes": args.passes or (1 if args.crop == "gt" else DEFAULT_PASSES),
-                "detected": (found / n) if args.crop == "detect" else None})
+    out.update(
+        {
+            "n": n,
+            "crop": args.crop,
+            "refine": not args.no_refine,
+            "refit": not args.no_refit,
+            "passes": args.passes or (1 if args.crop == "gt" else DEFAULT_PASSES),
+            "detected": (found / n) if args.crop == "detect" else None,
+        }
+    )
     return out

@@ -9,9 +9,18 @@ from pathlib import Path
 
 from . import aflw2000, consistency, fgnet_figure, heldout, memory, raster, speed
 
-DEFAULT_PHOTO = str(Path(__file__).resolve().parents[2] / "shared/photos/fg3d_examples/AFW_1814664578_2_0.jpg")
-RUNNERS = {"aflw2000": aflw2000.run, "speed": speed.run, "consistency": consistency.run,
-           "heldout": heldout.run, "memory": memory.run, "raster": raster.run, "figure": fgnet_figure.run}
+DEFAULT_PHOTO = str(
+    Path(__file__).resolve().parents[2] / "shared/photos/fg3d_examples/AFW_1814664578_2_0.jpg"
+)
+RUNNERS = {
+    "aflw2000": aflw2000.run,
+    "speed": speed.run,
+    "consistency": consistency.run,
+    "heldout": heldout.run,
+    "memory": memory.run,
+    "raster": raster.run,
+    "figure": fgnet_figure.run,
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,24 +30,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a.add_argument("--crop", choices=["gt", "detect"], default="detect")
     a.add_argument("--no-refine", action="store_true")
     a.add_argument("--limit", type=int, default=0, help="first N photos only (0 = all)")
-    a.add_argument("--passes", type=int, default=0,
-                   help="regressor passes (default: 1 for --crop gt, the published protocol; else the pipeline's)")
+    a.add_argument(
+        "--passes",
+        type=int,
+        default=0,
+        help="regressor passes (default: 1 for --crop gt, the published protocol; else the pipeline's)",
+    )
     a.add_argument("--no-refit", action="store_true", help="skip the landmark refit of the 3DMM")
     s = sub.add_parser("speed", help="warm per-stage medians and cold start for one photo")
     s.add_argument("photo")
     s.add_argument("--repeat", type=int, default=20)
     s.add_argument("--no-refine", action="store_true")
     s.add_argument("--texture-size", type=int, default=1024)
-    c = sub.add_parser("consistency", help="one person at many poses: vertex deviation (mm) from the mean shape")
+    c = sub.add_parser(
+        "consistency", help="one person at many poses: vertex deviation (mm) from the mean shape"
+    )
     c.add_argument("--dir", required=True)
     c.add_argument("--no-refine", action="store_true")
-    h = sub.add_parser("heldout", help="FGNet on the held-out training photos: photometric error, landmark "
-                                       "NME, coarse vs refined, and the detail measure (mm)")
+    h = sub.add_parser(
+        "heldout",
+        help="FGNet on the held-out training photos: photometric error, landmark "
+        "NME, coarse vs refined, and the detail measure (mm)",
+    )
     h.add_argument("--cache", required=True, help="the train-fgnet cache folder")
     h.add_argument("--photos", help="photo folder to (re)build the cache from when it is incomplete")
     h.add_argument("--limit", type=int, default=0)
-    h.add_argument("--landmark-target", choices=["head", "dlib"], default="head",
-                   help="landmarks the NME is measured against (the regressor's landmark head, or dlib's)")
+    h.add_argument(
+        "--landmark-target",
+        choices=["head", "dlib"],
+        default="head",
+        help="landmarks the NME is measured against (the regressor's landmark head, or dlib's)",
+    )
     m = sub.add_parser("memory", help="peak memory of a small face pasted into a large photo")
     m.add_argument("photo")
     m.add_argument("--canvas", default="4032x3024", help="W×H of the large photo (default 12 MP)")

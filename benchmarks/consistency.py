@@ -25,6 +25,10 @@ def run(args) -> dict:
         shapes.append(r.vertices)
         names.append(p.name)
     dev = shape_consistency(shapes) if len(shapes) > 1 else np.zeros(len(shapes))
-    return {"mean_mm": float(dev.mean()) if len(dev) else float("nan"), "n": len(shapes),
-            "no_face": missed, "per_view_mm": {n: round(float(d), 3) for n, d in zip(names, dev)},
-            "refine": not args.no_refine}
+    return {
+        "mean_mm": float(dev.mean()) if len(dev) else float("nan"),
+        "n": len(shapes),
+        "no_face": missed,
+        "per_view_mm": {n: round(float(d), 3) for n, d in zip(names, dev)},
+        "refine": not args.no_refine,
+    }

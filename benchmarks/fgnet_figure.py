@@ -4,6 +4,7 @@ Coarse and refined meshes are shaded (Lambert, light from the camera) over the p
 the detail panel colours the refinement's displacement along the surface normal (red = outward,
 blue = inward, ±``DETAIL_RANGE_MM``).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -54,13 +55,24 @@ def figure_rows(photos: List[Path]) -> np.ndarray:
             panels.append(_shade(r.image, iv, render.vertex_normals(v, tri) @ rot.T, tri))
         n = render.vertex_normals(r.vertices_coarse, tri)
         disp = ((r.vertices - r.vertices_coarse) * n).sum(1)
-        panels.append(_shade(r.image, r.image_vertices, render.vertex_normals(r.vertices, tri) @ rot.T, tri,
-                             _diverging(disp)))
+        panels.append(
+            _shade(
+                r.image,
+                r.image_vertices,
+                render.vertex_normals(r.vertices, tri) @ rot.T,
+                tri,
+                _diverging(disp),
+            )
+        )
         x0, y0 = r.landmarks_2d.min(0)
         x1, y1 = r.landmarks_2d.max(0)
         c, s = ((x0 + x1) / 2, (y0 + y1) / 2), max(x1 - x0, y1 - y0) * 0.75
-        m = np.array([[PANEL / (2 * s), 0, PANEL / 2 - c[0] * PANEL / (2 * s)],
-                      [0, PANEL / (2 * s), PANEL / 2 - c[1] * PANEL / (2 * s)]])
+        m = np.array(
+            [
+                [PANEL / (2 * s), 0, PANEL / 2 - c[0] * PANEL / (2 * s)],
+                [0, PANEL / (2 * s), PANEL / 2 - c[1] * PANEL / (2 * s)],
+            ]
+        )
         rows.append(np.hstack([cv2.warpAffine(pn, m, (PANEL, PANEL), flags=cv2.INTER_AREA) for pn in panels]))
     return np.vstack(rows)
 

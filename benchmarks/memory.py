@@ -41,6 +41,11 @@ def run(args) -> dict:
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    return {"photo": args.photo, "canvas": [h, w], "face_px": args.face_px,
-            "traced_peak_mib": round(peak / 2**20, 1), "rss_peak_mib": round(rss, 1),
-            "timings_ms": {k: round(v, 1) for k, v in r.timings.items()}}
+    return {
+        "photo": args.photo,
+        "canvas": [h, w],
+        "face_px": args.face_px,
+        "traced_peak_mib": round(peak / 2**20, 1),
+        "rss_peak_mib": round(rss, 1),
+        "timings_ms": {k: round(v, 1) for k, v in r.timings.items()},
+    }

@@ -35,6 +35,12 @@ def run(args) -> dict:
     t = time.perf_counter()
     raster_reference.rasterize(iv, fm.triangles, h, w)
     naive = (time.perf_counter() - t) * 1000.0
-    return {"photo": args.photo, "size": [h, w], "triangles": int(len(fm.triangles)),
-            "render_ext_raster_ms": round(compiled, 2), "render_ext_interpolate_ms": round(compiled_interp, 2),
-            "numpy_reference_raster_ms": round(naive, 1), "speedup": round(naive / compiled, 1)}
+    return {
+        "photo": args.photo,
+        "size": [h, w],
+        "triangles": int(len(fm.triangles)),
+        "render_ext_raster_ms": round(compiled, 2),
+        "render_ext_interpolate_ms": round(compiled_interp, 2),
+        "numpy_reference_raster_ms": round(naive, 1),
+        "speedup": round(naive / compiled, 1),
+    }

@@ -8,6 +8,7 @@ Conventions (the same as ``fg3d_blender/render_ext/_raster.pyx``):
 * the nearest triangle wins; on an exact depth tie the earlier triangle is kept;
 * degenerate (zero-area) triangles and triangles with out-of-range indices draw nothing.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -35,8 +36,12 @@ def rasterize(verts, tris, height, width):
         area = (x1 - x0) * (y2 - y0) - (x2 - x0) * (y1 - y0)
         if area == 0:
             continue
-        xs = np.arange(max(0, int(np.ceil(min(x0, x1, x2))) - 1), min(width, int(np.floor(max(x0, x1, x2))) + 2))
-        ys = np.arange(max(0, int(np.ceil(min(y0, y1, y2))) - 1), min(height, int(np.floor(max(y0, y1, y2))) + 2))
+        xs = np.arange(
+            max(0, int(np.ceil(min(x0, x1, x2))) - 1), min(width, int(np.floor(max(x0, x1, x2))) + 2)
+        )
+        ys = np.arange(
+            max(0, int(np.ceil(min(y0, y1, y2))) - 1), min(height, int(np.floor(max(y0, y1, y2))) + 2)
+        )
         if not len(xs) or not len(ys):
             continue
         px, py = np.meshgrid(xs.astype(np.float64), ys.astype(np.float64))
@@ -92,6 +97,7 @@ def sample_bilinear(image, points):
         xa, ya = int(np.floor(x)), int(np.floor(y))
         xb, yb = min(xa + 1, w - 1), min(ya + 1, h - 1)
         fx, fy = x - xa, y - ya
-        out[i] = ((1 - fy) * ((1 - fx) * img[ya, xa] + fx * img[ya, xb])
-                  + fy * ((1 - fx) * img[yb, xa] + fx * img[yb, xb]))
+        out[i] = (1 - fy) * ((1 - fx) * img[ya, xa] + fx * img[ya, xb]) + fy * (
+            (1 - fx) * img[yb, xa] + fx * img[yb, xb]
+        )
     return out

@@ -3,6 +3,7 @@
 Importing this package never needs bpy; Blender registration lives in ``fg3d_blender.operators`` and is
 pulled in only by ``register()``.  The pipeline is ``fg3d_blender.core.pipeline.reconstruct``.
 """
+
 __version__ = "0.1.0"
 
 bl_info = {
@@ -18,9 +19,11 @@ bl_info = {
 
 def register():
     from . import operators  # the bpy layer: only Blender calls register()
+
     operators.register()
 
 
 def unregister():
     from . import operators  # the bpy layer: only Blender calls unregister()
+
     operators.unregister()

@@ -5,6 +5,7 @@ add-on zip holds neither).
 User errors print one line on stderr (``fg3d: error: …``) and exit 1; nothing is left half-written.
 Set ``FG3D_DEBUG=1`` to see tracebacks of unexpected failures.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,12 +24,14 @@ from .core.assets import cache_dir, fetch_assets
 from .core.errors import FG3DError
 from .core.export import check_formats, check_output_dir, write_outputs
 from .core.image_io import list_photos
+from .operators.blend_writer import require_bpy, write_blend
 
 #: Commands whose code lives beside the package (a checkout): name → (module, help).
 CHECKOUT_COMMANDS = {
     "bench": ("benchmarks.cli", "benchmarks that print numbers (last line JSON with --json)"),
     "train-fgnet": ("training.cli", "train FGNet self-supervised on a folder of face photos"),
 }
+
 
 def _err(msg: str) -> None:
     print(f"fg3d: error: {' '.join(str(msg).split())}", file=sys.stderr)
@@ -58,15 +61,23 @@ class _Progress:
         width = 30
         fill = int(width * done / max(self.total, 1))
         rate = done / max(time.perf_counter() - self.t0, 1e-6)
-        sys.stderr.write(f"\r[{'#' * fill}{'.' * (width - fill)}] {done}/{self.total} {rate:.1f}/s {label[:40]:40s}")
+        sys.stderr.write(
+            f"\r[{'#' * fill}{'.' * (width - fill)}] {done}/{self.total} {rate:.1f}/s {label[:40]:40s}"
+        )
         sys.stderr.flush()
         if done == self.total:
             sys.stderr.write("\n")
 
 
 def _summary(result, files) -> dict:
-    return {"photo": result.source, "ok": True, "files": [str(f) for f in files], "pose": result.pose,
-            "refined": result.refined, "timings_ms": {k: round(v, 1) for k, v in result.timings.items()}}
+    return {
+        "photo": result.source,
+        "ok": True,
+        "files": [str(f) for f in files],
+        "pose": result.pose,
+        "refined": result.refined,
+        "timings_ms": {k: round(v, 1) for k, v in result.timings.items()},
+    }
 
 
 def cmd_reconstruct(args) -> int:
@@ -75,7 +86,6 @@ def cmd_reconstruct(args) -> int:
     formats = [f.strip().lower() for f in args.format.split(",") if f.strip()]
     writers = {}
     if "blend" in formats:  # bpy lives in the operators layer, never in core
-        from .operators.blend_writer import require_bpy, write_blend
         require_bpy()
         writers["blend"] = write_blend
     extras = [] if args.no_extras else ["depth", "pncc", "preview"]
@@ -94,13 +104,16 @@ def cmd_reconstruct(args) -> int:
             stem, k = f"{photo.stem}_{k}", k + 1
         used.add(stem)
         try:
-            result = reconstruct(photo, face_index=args.face_index, refine=not args.no_refine,
-                                 texture_size=args.texture_size)
+            result = reconstruct(
+                photo, face_index=args.face_index, refine=not args.no_refine, texture_size=args.texture_size
+            )
             files = write_outputs(result, out_dir, stem, formats, extras, writers)
             reports.append(_summary(result, files))
             if not args.json and not bar.enabled and not args.quiet:
-                print(f"{photo}: {len(files)} files in {out_dir} "
-                      f"({result.timings['total']:.0f} ms, yaw {result.pose['yaw']:+.0f}°)")
+                print(
+                    f"{photo}: {len(files)} files in {out_dir} "
+                    f"({result.timings['total']:.0f} ms, yaw {result.pose['yaw']:+.0f}°)"
+                )
         except FG3DError as exc:
             if len(photos) == 1:
                 raise
@@ -111,8 +124,11 @@ def cmd_reconstruct(args) -> int:
         bar.update(i + 1, photo.name)
     n_ok = sum(r["ok"] for r in reports)
     if len(photos) > 1 and not args.quiet:
-        print(f"{n_ok} of {len(photos)} photos reconstructed, {len(photos) - n_ok} failed; outputs in {out_dir}",
-              file=sys.stderr)
+        print(
+            f"{n_ok} of {len(photos)} photos reconstructed, {len(photos) - n_ok} failed; "
+            f"outputs in {out_dir}",
+            file=sys.stderr,
+        )
     if args.json:
         print(json.dumps({"ok": n_ok, "failed": len(photos) - n_ok, "results": reports}))
     return 0 if n_ok == len(photos) else 1
@@ -125,9 +141,17 @@ def cmd_demo(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     photo = out / "astronaut.png"
     cv2.imwrite(str(photo), skimage.data.astronaut()[:, :, ::-1])
-    ns = argparse.Namespace(photos=[str(photo)], output=str(out), format="obj,glb,ply,npz", face_index=None,
-                            no_refine=args.no_refine, texture_size=1024, no_extras=False, json=False,
-                            quiet=False)
+    ns = argparse.Namespace(
+        photos=[str(photo)],
+        output=str(out),
+        format="obj,glb,ply,npz",
+        face_index=None,
+        no_refine=args.no_refine,
+        texture_size=1024,
+        no_extras=False,
+        json=False,
+        quiet=False,
+    )
     return cmd_reconstruct(ns)
 
 
@@ -151,8 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("reconstruct", help="photos or folders → textured face meshes")
     r.add_argument("photos", nargs="+", metavar="PHOTO")
     r.add_argument("-o", "--output", required=True, metavar="DIR")
-    r.add_argument("--format", default="obj,glb",
-                   help="comma list of obj,glb,ply,npz,blend (default obj,glb; blend needs bpy)")
+    r.add_argument(
+        "--format",
+        default="obj,glb",
+        help="comma list of obj,glb,ply,npz,blend (default obj,glb; blend needs bpy)",
+    )
     r.add_argument("--face-index", type=int, default=None, metavar="N", help="0 = largest face (default)")
     r.add_argument("--no-refine", action="store_true", help="skip the FGNet refinement (coarse 3DMM only)")
     r.add_argument("--texture-size", type=int, default=1024, choices=[256, 512, 1024, 2048])

@@ -18,6 +18,7 @@ Fixtures (generic, usable by every test module):
   must not compete with the test process for the CI's two cores).
 * ``run_cli``      — ``run_cli(*args, cwd=None) -> CompletedProcess`` (text, captured output).
 """
+
 from __future__ import annotations
 
 import os
@@ -86,8 +87,14 @@ def cli_env(shared_dir) -> dict:
 @pytest.fixture(scope="session")
 def run_cli(cli_env):
     def run(*args, cwd=None, timeout=300):
-        return subprocess.run([sys.executable, "-m", "fg3d_blender", *map(str, args)], cwd=cwd or REPO,
-                              env=cli_env, capture_output=True, text=True, encoding="utf-8",
-                              timeout=timeout)
+        return subprocess.run(
+            [sys.executable, "-m", "fg3d_blender", *map(str, args)],
+            cwd=cwd or REPO,
+            env=cli_env,
+            capture_output=True,
+            text=True,
+            encoding="utf-8",
+            timeout=timeout,
+        )
 
     return run

@@ -6,6 +6,7 @@ into a temporary ``BLENDER_USER_RESOURCES``, and its operator runs on a real pho
 add-on path (``preferences.addon_install``) runs in a separate process so that the installed copy, not
 this checkout, is what gets imported.
 """
+
 from __future__ import annotations
 
 import ast
@@ -24,7 +25,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from fg3d_blender.core.pipeline import default_reconstructor  # noqa: E402
+
+pytestmark = pytest.mark.slow  # integration tier: bpy and the Blender binary
 
 REC = default_reconstructor()
 
@@ -33,8 +37,17 @@ SHARED = ROOT.parent / "shared"
 PHOTO = SHARED / "photos" / "fg3d_examples" / "test.jpg"
 EXT_ID = "bl_ext.user_default.fg3d_blender"
 N_VERTS, N_TRIS = 53215, 105954
-DATA_KINDS = ("objects", "meshes", "materials", "images", "cameras", "shape_keys", "node_groups",
-              "collections", "textures")
+DATA_KINDS = (
+    "objects",
+    "meshes",
+    "materials",
+    "images",
+    "cameras",
+    "shape_keys",
+    "node_groups",
+    "collections",
+    "textures",
+)
 
 # Blender reads BLENDER_USER_RESOURCES once, when bpy is first imported: point it at a temporary folder
 # now (collection time) so that installing the add-on never touches a real Blender configuration.
@@ -53,6 +66,7 @@ def _counts(bpy) -> dict:
 
 def _gradient_png(folder: Path) -> Path:
     import cv2
+
     img = np.tile(np.linspace(0, 255, 320, dtype=np.uint8)[None, :, None], (240, 1, 3))
     path = folder / "gradient.png"
     cv2.imwrite(str(path), img)
@@ -74,8 +88,12 @@ def _co(block, n: int) -> np.ndarray:
 @pytest.fixture(scope="module")
 def fg3d_addon_zip(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
-    r = subprocess.run([sys.executable, str(ROOT / "build_addon.py"), "--no-wheels", "-o", str(out)],
-                       capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "build_addon.py"), "--no-wheels", "-o", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert r.returncode == 0, r.stderr
     zips = list(out.glob("fg3d_blender-*.zip"))
     assert len(zips) == 1 and not list(out.glob(".*part"))
@@ -85,11 +103,12 @@ def fg3d_addon_zip(tmp_path_factory):
 @pytest.fixture(scope="module")
 def fg3d_bpy(fg3d_addon_zip):
     bpy = pytest.importorskip("bpy")
-    user = Path(bpy.utils.resource_path('USER')).resolve()
+    user = Path(bpy.utils.resource_path("USER")).resolve()
     if _USER_RES is None or not str(user).startswith(str(Path(_USER_RES).resolve())):
         pytest.skip("bpy was imported before BLENDER_USER_RESOURCES could point at a temporary folder")
     assert bpy.ops.extensions.package_install_files(
-        filepath=str(fg3d_addon_zip), repo="user_default", enable_on_install=True) == {'FINISHED'}
+        filepath=str(fg3d_addon_zip), repo="user_default", enable_on_install=True
+    ) == {"FINISHED"}
     yield bpy
 
 
@@ -97,6 +116,7 @@ def fg3d_bpy(fg3d_addon_zip):
 def fg3d_expected():
     """The same photo through the library directly, to compare the Blender data against."""
     from fg3d_blender.core.pipeline import reconstruct
+
     return reconstruct(PHOTO), REC.face_model.keypoints
 
 
@@ -105,13 +125,14 @@ def fg3d_face(fg3d_bpy):
     """Run the installed operator once (camera and images on); returns (object name, counts before)."""
     bpy = fg3d_bpy
     before = _counts(bpy)
-    assert bpy.ops.fg3d.reconstruct(filepath=str(PHOTO), add_camera=True, add_images=True) == {'FINISHED'}
+    assert bpy.ops.fg3d.reconstruct(filepath=str(PHOTO), add_camera=True, add_images=True) == {"FINISHED"}
     ob = bpy.context.view_layer.objects.active
     return ob.name, before
 
 
 def _zip_sources(zip_path) -> dict:
     import zipfile
+
     with zipfile.ZipFile(zip_path) as z:
         return {n: z.read(n).decode("utf-8") for n in z.namelist() if n.endswith(".py")}
 
@@ -119,6 +140,7 @@ def _zip_sources(zip_path) -> dict:
 def test_zip_layout_extension_and_legacy(fg3d_addon_zip):
     import tomllib
     import zipfile
+
     with zipfile.ZipFile(fg3d_addon_zip) as z:
         names = set(z.namelist())
         manifest = tomllib.loads(z.read("fg3d_blender/blender_manifest.toml").decode())
@@ -128,7 +150,9 @@ def test_zip_layout_extension_and_legacy(fg3d_addon_zip):
     assert any(n.startswith("fg3d_blender/render_ext/_raster") and n.endswith(("so", "pyd")) for n in names)
     assert "fg3d_blender/operators/ops.py" in names and "fg3d_blender/core/pipeline.py" in names
     third_party = {a["path"] for a in json.loads((ROOT / "models" / "assets.json").read_text())["assets"]}
-    leaked = {n for n in names if Path(n).name in {Path(t).name for t in third_party} and not n.endswith(".json")}
+    leaked = {
+        n for n in names if Path(n).name in {Path(t).name for t in third_party} and not n.endswith(".json")
+    }
     assert not leaked, f"third-party model files in the zip: {leaked}"
     # inference only: no training, benchmark or figure code, and nothing in the package imports them
     code = _zip_sources(fg3d_addon_zip)
@@ -144,6 +168,7 @@ def test_zip_layout_extension_and_legacy(fg3d_addon_zip):
     assert manifest["id"] == "fg3d_blender" and manifest["type"] == "add-on"
     assert manifest["blender_version_min"] == "4.2.0" and "wheels" not in manifest  # --no-wheels
     from fg3d_blender import __version__
+
     assert manifest["version"] == __version__ and fg3d_addon_zip.name == f"fg3d_blender-{__version__}.zip"
     bl_info = ast.literal_eval(init.split("bl_info = ", 1)[1].split("\n\n", 1)[0])
     assert bl_info["blender"] < (4, 2, 0) and bl_info["location"].startswith("View3D")
@@ -154,9 +179,9 @@ def test_installed_as_extension(fg3d_bpy):
     assert EXT_ID in {a.module for a in bpy.context.preferences.addons}
     op_cls = bpy.types.FG3D_OT_reconstruct
     assert op_cls.__module__.startswith(EXT_ID + ".")  # the installed copy, not this checkout
-    assert op_cls.bl_options == {'REGISTER', 'UNDO'}
+    assert op_cls.bl_options == {"REGISTER", "UNDO"}
     panel = bpy.types.FG3D_PT_reconstruct
-    assert (panel.bl_space_type, panel.bl_region_type, panel.bl_category) == ('VIEW_3D', 'UI', "FG3D")
+    assert (panel.bl_space_type, panel.bl_region_type, panel.bl_category) == ("VIEW_3D", "UI", "FG3D")
     props = {p.identifier for p in bpy.ops.fg3d.reconstruct.get_rna_type().properties}
     assert {"filepath", "refine", "face_index", "texture_size", "add_images", "add_camera"} <= props
     prefs = bpy.context.preferences.addons[EXT_ID].preferences
@@ -167,13 +192,19 @@ def test_installed_as_extension(fg3d_bpy):
 def test_reconstruct_adds_the_face(fg3d_bpy, fg3d_face, fg3d_expected):
     bpy, (name, before), (expected, keypoints) = fg3d_bpy, fg3d_face, fg3d_expected
     after = _counts(bpy)
-    for kind, n_new in {"objects": 2, "meshes": 1, "materials": 1, "images": 4, "cameras": 1,
-                        "shape_keys": 1}.items():
+    for kind, n_new in {
+        "objects": 2,
+        "meshes": 1,
+        "materials": 1,
+        "images": 4,
+        "cameras": 1,
+        "shape_keys": 1,
+    }.items():
         assert len(after[kind]) == len(before[kind]) + n_new, kind
         assert set(before[kind]) <= set(after[kind]), f"an existing {kind} was renamed or removed"
     ob = bpy.data.objects[name]
     me = ob.data
-    assert ob.type == 'MESH' and len(me.vertices) == N_VERTS and len(me.polygons) == N_TRIS
+    assert ob.type == "MESH" and len(me.vertices) == N_VERTS and len(me.polygons) == N_TRIS
     assert all(p.use_smooth for p in me.polygons[:100])
     # vertices: metres, Z up, the face toward -Y (the Basis key is the coarse 3DMM shape)
     basis = _co(me.vertices, N_VERTS)
@@ -198,10 +229,10 @@ def test_reconstruct_adds_the_face(fg3d_bpy, fg3d_face, fg3d_expected):
 def test_material_has_the_packed_photo_texture(fg3d_bpy, fg3d_face, fg3d_expected):
     bpy, (name, _), (expected, _) = fg3d_bpy, fg3d_face, fg3d_expected
     mat = bpy.data.objects[name].active_material
-    bsdf = next(n for n in mat.node_tree.nodes if n.type == 'BSDF_PRINCIPLED')
+    bsdf = next(n for n in mat.node_tree.nodes if n.type == "BSDF_PRINCIPLED")
     link = bsdf.inputs["Base Color"].links[0]
     tex = link.from_node
-    assert tex.type == 'TEX_IMAGE' and tex.image.packed_file is not None
+    assert tex.type == "TEX_IMAGE" and tex.image.packed_file is not None
     assert tuple(tex.image.size) == expected.texture.shape[1::-1]
     px = np.empty(tex.image.size[0] * tex.image.size[1] * 4, np.float32)
     tex.image.pixels.foreach_get(px)
@@ -239,11 +270,12 @@ def test_custom_properties_and_images(fg3d_bpy, fg3d_face, fg3d_expected):
 def test_camera_sees_the_face_as_in_the_photo(fg3d_bpy, fg3d_face, fg3d_expected):
     from bpy_extras.object_utils import world_to_camera_view
     from mathutils import Vector
+
     bpy, (name, _), (expected, keypoints) = fg3d_bpy, fg3d_face, fg3d_expected
     scene = bpy.context.scene
     ob, cam = bpy.data.objects[name], bpy.data.objects[name + "_camera"]
     h, w = expected.image.shape[:2]
-    assert cam.data.type == 'ORTHO' and (scene.render.resolution_x, scene.render.resolution_y) == (w, h)
+    assert cam.data.type == "ORTHO" and (scene.render.resolution_x, scene.render.resolution_y) == (w, h)
     assert cam.data.background_images[0].image == ob["fg3d_photo"]
     fgnet = ob.data.shape_keys.key_blocks["FGNet"]
     px = []
@@ -257,19 +289,30 @@ def test_camera_sees_the_face_as_in_the_photo(fg3d_bpy, fg3d_face, fg3d_expected
 def test_second_run_adds_a_new_object_and_touches_nothing(fg3d_bpy, fg3d_face):
     bpy, (name, _) = fg3d_bpy, fg3d_face
     first = bpy.data.objects[name]
-    state = (first.data.name, first.active_material.name, tuple(first.location),
-             _co(first.data.vertices, N_VERTS).sum(), first["fg3d_yaw"])
+    state = (
+        first.data.name,
+        first.active_material.name,
+        tuple(first.location),
+        _co(first.data.vertices, N_VERTS).sum(),
+        first["fg3d_yaw"],
+    )
     before = _counts(bpy)
-    assert bpy.ops.fg3d.reconstruct(filepath=str(PHOTO), refine=False, texture_size='256',
-                                    add_images=False, add_camera=False) == {'FINISHED'}
+    assert bpy.ops.fg3d.reconstruct(
+        filepath=str(PHOTO), refine=False, texture_size="256", add_images=False, add_camera=False
+    ) == {"FINISHED"}
     after = _counts(bpy)
     new = set(after["objects"]) - set(before["objects"])
     assert len(new) == 1 and name not in new
     assert len(after["images"]) == len(before["images"]) + 1  # only its texture
     assert after["cameras"] == before["cameras"]
     first = bpy.data.objects[name]
-    assert (first.data.name, first.active_material.name, tuple(first.location),
-            _co(first.data.vertices, N_VERTS).sum(), first["fg3d_yaw"]) == state
+    assert (
+        first.data.name,
+        first.active_material.name,
+        tuple(first.location),
+        _co(first.data.vertices, N_VERTS).sum(),
+        first["fg3d_yaw"],
+    ) == state
     second = bpy.data.objects[new.pop()]
     assert second.active_material.node_tree.nodes["Face texture"].image.size[0] == 256
     assert bpy.context.view_layer.objects.active == second and not first.select_get()
@@ -282,8 +325,9 @@ def test_one_undo_step_removes_everything(fg3d_bpy, fg3d_face):
         bpy.ops.ed.undo_push(message="before FG3D")
         before = _counts(bpy)
         # 'EXEC_DEFAULT', True: push an undo step as a click in the UI does (scripts don't by default)
-        assert bpy.ops.fg3d.reconstruct('EXEC_DEFAULT', True, filepath=str(PHOTO), refine=False,
-                                        texture_size='256', add_camera=True) == {'FINISHED'}
+        assert bpy.ops.fg3d.reconstruct(
+            "EXEC_DEFAULT", True, filepath=str(PHOTO), refine=False, texture_size="256", add_camera=True
+        ) == {"FINISHED"}
         added = _counts(bpy)
         assert len(added["objects"]) == len(before["objects"]) + 2
         bpy.ops.ed.undo()
@@ -326,24 +370,34 @@ def test_no_face_leaves_blender_data_unchanged(fg3d_bpy, tmp_path):
 def test_failed_build_removes_what_it_made(fg3d_bpy, fg3d_expected):
     """A failure half-way through building (after mesh, material and object exist) rolls all back."""
     from fg3d_blender.operators.build import BuildOptions, add_result
+
     bpy, (expected, _) = fg3d_bpy, fg3d_expected
     scene = bpy.context.scene
     settings = (scene.render.resolution_x, scene.render.resolution_y, scene.camera)
     broken = dataclasses.replace(expected, pncc=np.zeros((0, 0, 3), np.uint8))  # PNCC cannot be encoded
     before = _counts(bpy)
-    with pytest.raises(Exception):
-        add_result(broken, scene, scene.collection, bpy.context.view_layer,
-                   BuildOptions(add_images=True, add_camera=True))
+    with pytest.raises(Exception):  # noqa: B017 - whatever Blender raises, nothing may be left behind
+        add_result(
+            broken,
+            scene,
+            scene.collection,
+            bpy.context.view_layer,
+            BuildOptions(add_images=True, add_camera=True),
+        )
     assert _counts(bpy) == before
     assert (scene.render.resolution_x, scene.render.resolution_y, scene.camera) == settings
 
 
 def test_worker_thread_progress_and_cancel():
     from fg3d_blender.operators import job as jobmod
+
     tree = ast.parse(Path(jobmod.__file__).read_text())
-    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
-                for a in n.names} | {n.module.split(".")[0] for n in ast.walk(tree)
-                                     if isinstance(n, ast.ImportFrom) and n.module}
+    imported = {
+        a.name.split(".")[0]
+        for n in ast.walk(tree)
+        if isinstance(n, (ast.Import, ast.ImportFrom))
+        for a in n.names
+    } | {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert "bpy" not in imported and "mathutils" not in imported  # no Blender calls off the main thread
     settings = jobmod.Settings(filepath=str(PHOTO), refine=False, texture_size=256)
     job = jobmod.Job(settings).start()
@@ -375,9 +429,12 @@ def test_preferences_folders_drive_fetch_assets(fg3d_bpy, tmp_path):
     saved_env = {k: os.environ.get(k) for k in ("FG3D_CACHE_DIR", "FG3D_ASSET_MIRROR")}
     try:
         prefs.cache_dir, prefs.mirror_dir = str(tmp_path / "cache"), str(SHARED / "models")
-        assert bpy.ops.fg3d.fetch_assets() == {'FINISHED'}
+        assert bpy.ops.fg3d.fetch_assets() == {"FINISHED"}
         got = tmp_path / "cache" / "beyond3dmm" / "Model_PAF.pkl"
-        assert got.is_file() and got.stat().st_size == (SHARED / "models" / "beyond3dmm" / "Model_PAF.pkl").stat().st_size
+        assert (
+            got.is_file()
+            and got.stat().st_size == (SHARED / "models" / "beyond3dmm" / "Model_PAF.pkl").stat().st_size
+        )
         prefs.mirror_dir = str(tmp_path / "empty-mirror")
         (tmp_path / "empty-mirror").mkdir()
         prefs.cache_dir = str(tmp_path / "cache2")
@@ -427,15 +484,19 @@ _LEGACY_SCRIPT = textwrap.dedent("""
 
 def _blender_env(user: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(BLENDER_USER_RESOURCES=str(user), BLENDER_USER_SCRIPTS=str(user / "scripts"),
-               BLENDER_USER_CONFIG=str(user / "config"), OMP_NUM_THREADS="1")
+    env.update(
+        BLENDER_USER_RESOURCES=str(user),
+        BLENDER_USER_SCRIPTS=str(user / "scripts"),
+        BLENDER_USER_CONFIG=str(user / "config"),
+        OMP_NUM_THREADS="1",
+    )
     return env
 
 
 def _json_line(stdout: str) -> dict:
     lines = [ln for ln in stdout.splitlines() if ln.startswith("FG3D-JSON ")]
     assert lines, stdout[-3000:]
-    return json.loads(lines[-1][len("FG3D-JSON "):])
+    return json.loads(lines[-1][len("FG3D-JSON ") :])
 
 
 def test_legacy_addon_install_bpy(fg3d_addon_zip, tmp_path):
@@ -444,9 +505,14 @@ def test_legacy_addon_install_bpy(fg3d_addon_zip, tmp_path):
     user = tmp_path / "user"
     script = tmp_path / "legacy.py"
     script.write_text(_LEGACY_SCRIPT)
-    r = subprocess.run([sys.executable, str(script), str(fg3d_addon_zip), str(PHOTO),
-                        str(_gradient_png(tmp_path))], cwd=tmp_path, env=_blender_env(user),
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, str(script), str(fg3d_addon_zip), str(PHOTO), str(_gradient_png(tmp_path))],
+        cwd=tmp_path,
+        env=_blender_env(user),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     out = _json_line(r.stdout + r.stderr)
     assert out["install"] == ["FINISHED"] and out["enabled"]
     assert Path(out["file"]).resolve().is_relative_to(Path(out["addons_dir"]).resolve())
@@ -465,16 +531,43 @@ def fg3d_real_blender(fg3d_addon_zip, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("real-blender")
     env = _blender_env(tmp / "user")
     env["FG3D_TEST_SITE"] = sysconfig.get_paths()["purelib"]  # this venv's torch/dlib/opencv
-    probe = subprocess.run([blender, "--background", "--factory-startup", "--python-expr",
-                            "import sys; print('PYVER', sys.version_info[:2]); import os; os._exit(0)"],
-                           capture_output=True, text=True, env=env, timeout=120)
+    probe = subprocess.run(
+        [
+            blender,
+            "--background",
+            "--factory-startup",
+            "--python-expr",
+            "import sys; print('PYVER', sys.version_info[:2]); import os; os._exit(0)",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     if "PYVER (3, 11)" not in probe.stdout:
         pytest.skip("this blender does not run Python 3.11 like this venv, so it cannot load its packages")
     script = tmp / "legacy.py"
     script.write_text(_LEGACY_SCRIPT)
-    r = subprocess.run([blender, "--background", "--factory-startup", "--python-exit-code", "1",
-                        "--python", str(script), "--", str(fg3d_addon_zip), str(PHOTO), str(_gradient_png(tmp))],
-                       cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            blender,
+            "--background",
+            "--factory-startup",
+            "--python-exit-code",
+            "1",
+            "--python",
+            str(script),
+            "--",
+            str(fg3d_addon_zip),
+            str(PHOTO),
+            str(_gradient_png(tmp)),
+        ],
+        cwd=tmp,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     out = _json_line(r.stdout + r.stderr)
     assert r.returncode == 0, r.stderr[-2000:]
     return blender, env, tmp, out
@@ -492,11 +585,19 @@ def test_real_blender_headless_one_liner(fg3d_real_blender):
     """``blender --background --python-expr "import bpy; bpy.ops.fg3d.reconstruct(filepath=…)"``."""
     blender, env, tmp, _ = fg3d_real_blender
     blend = tmp / "face.blend"
-    expr = (f"import sys; sys.path.insert(0, {env['FG3D_TEST_SITE']!r}); import bpy; "
-            f"bpy.ops.fg3d.reconstruct(filepath={str(PHOTO)!r}, refine=False, texture_size='256'); "
-            f"bpy.ops.wm.save_as_mainfile(filepath={str(blend)!r}); import os; os._exit(0)")
-    r = subprocess.run([blender, "--background", "--python-exit-code", "1", "--python-expr", expr],
-                       cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
+    expr = (
+        f"import sys; sys.path.insert(0, {env['FG3D_TEST_SITE']!r}); import bpy; "
+        f"bpy.ops.fg3d.reconstruct(filepath={str(PHOTO)!r}, refine=False, texture_size='256'); "
+        f"bpy.ops.wm.save_as_mainfile(filepath={str(blend)!r}); import os; os._exit(0)"
+    )
+    r = subprocess.run(
+        [blender, "--background", "--python-exit-code", "1", "--python-expr", expr],
+        cwd=tmp,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert blend.is_file() and blend.stat().st_size > 1_000_000
 
@@ -617,7 +718,9 @@ _GUI_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(shutil.which("xvfb-run") is None, reason="no xvfb-run for a windowed Blender (apt-get install xvfb)")
+@pytest.mark.skipif(
+    shutil.which("xvfb-run") is None, reason="no xvfb-run for a windowed Blender (apt-get install xvfb)"
+)
 def test_real_blender_modal_ui(fg3d_real_blender):
     """Blender with a window (on Xvfb): the panel and preferences draw, the Reconstruct button's modal run
     keeps the UI alive, reports progress, Esc cancels and discards the result, a finished run is one
@@ -625,12 +728,30 @@ def test_real_blender_modal_ui(fg3d_real_blender):
     blender, env, tmp, _ = fg3d_real_blender
     script = tmp / "gui.py"
     script.write_text(_GUI_SCRIPT)
-    r = subprocess.run(["xvfb-run", "-a", "-s", "-screen 0 1280x800x24", blender, "--enable-event-simulate",
-                        "--python", str(script), "--", str(PHOTO)], cwd=tmp, env=env, capture_output=True,
-                       text=True, timeout=600)
+    r = subprocess.run(
+        [
+            "xvfb-run",
+            "-a",
+            "-s",
+            "-screen 0 1280x800x24",
+            blender,
+            "--enable-event-simulate",
+            "--python",
+            str(script),
+            "--",
+            str(PHOTO),
+        ],
+        cwd=tmp,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     out = _json_line(r.stdout + r.stderr)
-    print(f"\nmodal UI: {out['ticks_computing']} UI timer ticks while the worker computed, "
-          f"longest UI stall {out['max_gap_s']:.2f} s")
+    print(
+        f"\nmodal UI: {out['ticks_computing']} UI timer ticks while the worker computed, "
+        f"longest UI stall {out['max_gap_s']:.2f} s"
+    )
     assert "timeout" not in out
     assert out["panel"] == "drawn" and out["prefs"] == "drawn"
     assert out["previews"] == [str(PHOTO)]  # the panel shows a thumbnail of the chosen photo
@@ -678,16 +799,35 @@ def test_full_zip_wheels_make_the_extension_self_sufficient(tmp_path):
         site = Path(sysconfig.get_paths()["purelib"])
         only_blender = tmp_path / "blender-python"  # what Blender's own Python has, nothing more
         only_blender.mkdir()
-        for name in ("bpy", "numpy", "numpy.libs", "requests", "zstandard", "certifi", "charset_normalizer",
-                     "idna", "urllib3", "Cython", "cython.py"):
+        for name in (
+            "bpy",
+            "numpy",
+            "numpy.libs",
+            "requests",
+            "zstandard",
+            "certifi",
+            "charset_normalizer",
+            "idna",
+            "urllib3",
+            "Cython",
+            "cython.py",
+        ):
             if (site / name).exists():
                 (only_blender / name).symlink_to(site / name)
         script = tmp_path / "isolated.py"
         script.write_text(_ISOLATED_SCRIPT)
-        code = (f"import sys; sys.path.insert(0, {str(only_blender)!r}); sys.argv = ['x', {str(zip_path)!r}, "
-                f"{str(PHOTO)!r}]; exec(open({str(script)!r}).read())")
-        r = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, env=_blender_env(tmp_path / "user"),
-                           capture_output=True, text=True, timeout=600)
+        code = (
+            f"import sys; sys.path.insert(0, {str(only_blender)!r}); sys.argv = ['x', {str(zip_path)!r}, "
+            f"{str(PHOTO)!r}]; exec(open({str(script)!r}).read())"
+        )
+        r = subprocess.run(
+            [sys.executable, "-S", "-c", code],
+            cwd=tmp_path,
+            env=_blender_env(tmp_path / "user"),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         out = _json_line(r.stdout + r.stderr)
         assert not out["torch_on_path"] and out["install"] == ["FINISHED"]
         ext_site = (tmp_path / "user" / "extensions" / ".local").resolve()

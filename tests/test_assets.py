@@ -1,4 +1,5 @@
 """Model assets: manifest vs ../shared/README.md, verification, clear errors, safe loading, known facts."""
+
 from __future__ import annotations
 
 import os
@@ -130,8 +131,14 @@ def test_cli_reports_a_corrupt_asset_in_one_line(tmp_path, shared_dir, cli_env, 
     env = dict(cli_env, FG3D_CACHE_DIR=str(cache))
     env.pop("FG3D_ASSET_MIRROR", None)
     out = tmp_path / "out"
-    p = subprocess.run([sys.executable, "-m", "fg3d_blender", "reconstruct", str(example_photo), "-o", str(out)],
-                       env=env, capture_output=True, text=True, cwd=REPO, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-m", "fg3d_blender", "reconstruct", str(example_photo), "-o", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     assert p.returncode == 1, p.stderr
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1, p.stderr
@@ -141,6 +148,7 @@ def test_cli_reports_a_corrupt_asset_in_one_line(tmp_path, shared_dir, cli_env, 
 
 
 # ---- safe loading ---------------------------------------------------------------------------------
+
 
 class _Evil:
     def __init__(self, marker):
@@ -154,6 +162,7 @@ def test_restricted_unpickler_refuses_code(tmp_path):
     marker = tmp_path / "pwned"
     payload = pickle.dumps({"a": np.zeros(3), "b": _Evil(marker)}, protocol=4)
     import io
+
     with pytest.raises(pickle.UnpicklingError, match="system"):
         assets._ArrayOnlyUnpickler(io.BytesIO(payload), encoding="latin1").load()
     assert not marker.exists()
@@ -165,7 +174,9 @@ def test_restricted_unpickler_refuses_code(tmp_path):
 
 def test_torch_checkpoint_loading_refuses_code(tmp_path):
     import torch
+
     from fg3d_blender.core.mobilenet import load_regressor
+
     marker = tmp_path / "pwned"
     ck = tmp_path / "evil.pth"
     torch.save({"state_dict": {"x": torch.zeros(1)}, "hook": _Evil(marker)}, ck)
@@ -183,7 +194,7 @@ def test_every_torch_load_uses_weights_only():
             while depth and end < len(text):  # the whole call, over several lines if need be
                 depth += {"(": 1, ")": -1}.get(text[end], 0)
                 end += 1
-            calls.append((py.name, text[m.start():end]))
+            calls.append((py.name, text[m.start() : end]))
     assert calls, "no torch.load found: the test must be updated"
     for name, call in calls:
         assert re.search(r"weights_only\s*=\s*True", call), f"{name}: {call}"
@@ -192,7 +203,10 @@ def test_every_torch_load_uses_weights_only():
 def test_pickled_assets_load_as_plain_arrays():
     paf = assets.load_pickled_arrays("beyond3dmm/Model_PAF.pkl")
     assert {k: v.shape for k, v in paf.items()} == {
-        "mu_filter": (12288, 1), "w_filter": (12288, 40), "w_exp_filter": (12288, 10)}
+        "mu_filter": (12288, 1),
+        "w_filter": (12288, 40),
+        "w_exp_filter": (12288, 10),
+    }
     stats = assets.load_pickled_arrays("3ddfa_v2/param_mean_std_62d_120x120.pkl")
     assert stats["mean"].shape == (62,) and stats["std"].shape == (62,)
     assert (stats["std"] > 0).all()
@@ -200,13 +214,16 @@ def test_pickled_assets_load_as_plain_arrays():
 
 # ---- verified facts from ../shared/README.md --------------------------------------------------------
 
+
 def test_paf_expression_basis_is_a_copy_of_the_first_shape_components():
     paf = assets.load_pickled_arrays("beyond3dmm/Model_PAF.pkl")
     np.testing.assert_array_equal(paf["w_exp_filter"], paf["w_filter"][:, :10])
 
 
 def test_mean_shape_is_u_shp_plus_u_exp():
-    u = (np.load(assets.asset_path("beyond3dmm/u_shp.npy")) + np.load(assets.asset_path("beyond3dmm/u_exp.npy")))
+    u = np.load(assets.asset_path("beyond3dmm/u_shp.npy")) + np.load(
+        assets.asset_path("beyond3dmm/u_exp.npy")
+    )
     assert u.shape == (159645, 1)
     vert = sio.loadmat(assets.asset_path("beyond3dmm/mean_shape.mat"))["vertex"]
     assert vert.shape == (3, 53215)
@@ -231,6 +248,7 @@ def test_face_model_is_in_millimetres_with_outward_normals(shared_dir):
     assert nose[2] > fm.mean_mm[fm.keypoints[0], 2] + 30  # nose toward +z (the viewer)
     assert fm.mean_mm[fm.keypoints[27], 1] > fm.mean_mm[fm.keypoints[8], 1]  # y up: nose bridge above chin
     from fg3d_blender.core.render import vertex_normals
+
     n = vertex_normals(fm.mean_mm, fm.triangles)
     assert n[fm.keypoints[30], 2] > 0.7  # nose tip normal faces the viewer
     # the grid→full interpolation carries the basis: decoding the grid mean offset stays close

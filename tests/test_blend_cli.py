@@ -1,4 +1,5 @@
-"""``python -m fg3d_blender reconstruct PHOTO -o DIR --format blend``: the add-on's builder via the bpy module."""
+"""``reconstruct PHOTO -o DIR --format blend``: the add-on's builder through the bpy module."""
+
 import json
 import os
 import subprocess
@@ -8,12 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # integration tier: the CLI with bpy
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
 PHOTO = SHARED / "photos" / "fg3d_examples" / "test.jpg"
 
 _READ_BLEND = """
 import json, sys, bpy
+
 bpy.ops.wm.open_mainfile(filepath=sys.argv[1])
 ob = next(o for o in bpy.data.objects if o.type == 'MESH')
 print("FG3D-JSON " + json.dumps({
@@ -37,8 +41,15 @@ def _env():
 
 
 def _cli(args, **kw):
-    return subprocess.run([sys.executable, "-m", "fg3d_blender", *args], cwd=ROOT, env=_env(),
-                          capture_output=True, text=True, timeout=600, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "fg3d_blender", *args],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        **kw,
+    )
 
 
 def test_cli_writes_a_blend(tmp_path):
@@ -49,11 +60,16 @@ def test_cli_writes_a_blend(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["test.blend", "test.mtl", "test.obj", "test_texture.png"]
     script = tmp_path / "read.py"
     script.write_text(_READ_BLEND)
-    rr = subprocess.run([sys.executable, str(script), str(out / "test.blend")], capture_output=True, text=True,
-                        env=_env(), timeout=300)
+    rr = subprocess.run(
+        [sys.executable, str(script), str(out / "test.blend")],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+    )
     line = [ln for ln in rr.stdout.splitlines() if ln.startswith("FG3D-JSON ")]
     assert line, rr.stdout + rr.stderr
-    got = json.loads(line[-1][len("FG3D-JSON "):])
+    got = json.loads(line[-1][len("FG3D-JSON ") :])
     assert got["objects"] == ["CAMERA", "MESH"] and got["verts"] == 53215
     assert got["keys"] == ["Basis", "FGNet"] and got["uv"] == "UVMap" and got["camera"]
     assert {"FG3D_test_texture", "FG3D_test_depth", "FG3D_test_pncc", "FG3D_test_photo"} <= set(got["packed"])
@@ -63,6 +79,7 @@ def test_cli_writes_a_blend(tmp_path):
 def test_cli_blend_no_face_writes_nothing(tmp_path):
     pytest.importorskip("bpy")
     import cv2
+
     photo = tmp_path / "gradient.png"
     cv2.imwrite(str(photo), np.tile(np.arange(256, dtype=np.uint8)[None, :, None], (200, 1, 3)))
     out = tmp_path / "out"
@@ -75,11 +92,16 @@ def test_cli_blend_no_face_writes_nothing(tmp_path):
 def test_cli_blend_without_bpy_is_one_line(tmp_path):
     """Where the bpy module is missing, --format blend fails at once with one line and writes nothing."""
     out = tmp_path / "out"
-    code = ("import sys; sys.modules['bpy'] = None; from fg3d_blender.cli import main; "
-            f"sys.exit(main(['reconstruct', {str(PHOTO)!r}, '-o', {str(out)!r}, '--format', 'obj,blend']))")
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True,
-                       timeout=300)
+    code = (
+        "import sys; sys.modules['bpy'] = None; from fg3d_blender.cli import main; "
+        f"sys.exit(main(['reconstruct', {str(PHOTO)!r}, '-o', {str(out)!r}, '--format', 'obj,blend']))"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 1
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("fg3d: error: --format blend needs Blender's Python module")
+    assert len(lines) == 1 and lines[0].startswith(
+        "fg3d: error: --format blend needs Blender's Python module"
+    )
     assert not out.exists()

@@ -4,6 +4,7 @@ Every case must end in a correct result, or in exit status ≠ 0 with exactly on
 stderr, no traceback and no file left in the output folder.  Test photos are built in ``tmp_path`` from
 the real photos in ../shared (never committed).
 """
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,10 @@ import pytest
 
 from fg3d_blender.core.geometry import nme
 
+pytestmark = pytest.mark.slow  # integration tier: the CLI in subprocesses on real photos
 
 # ---- building test photos -------------------------------------------------------------------------
+
 
 def with_exif_orientation(jpeg: bytes, orientation: int) -> bytes:
     """Insert a minimal EXIF APP1 segment (big-endian TIFF, one IFD0 entry: Orientation) after SOI."""
@@ -50,10 +53,13 @@ def good_photos(tmp_path_factory, upright, example_photo):
     d = tmp_path_factory.mktemp("good")
     p = {"upright": write_bytes(d / "upright.jpg", jpeg_bytes(upright))}
     # EXIF 6: stored turned 90° counter-clockwise, to be shown turned 90° clockwise (and 8 the reverse)
-    p["exif6"] = write_bytes(d / "exif6.jpg", with_exif_orientation(
-        jpeg_bytes(cv2.rotate(upright, cv2.ROTATE_90_COUNTERCLOCKWISE)), 6))
-    p["exif8"] = write_bytes(d / "exif8.jpg", with_exif_orientation(
-        jpeg_bytes(cv2.rotate(upright, cv2.ROTATE_90_CLOCKWISE)), 8))
+    p["exif6"] = write_bytes(
+        d / "exif6.jpg",
+        with_exif_orientation(jpeg_bytes(cv2.rotate(upright, cv2.ROTATE_90_COUNTERCLOCKWISE)), 6),
+    )
+    p["exif8"] = write_bytes(
+        d / "exif8.jpg", with_exif_orientation(jpeg_bytes(cv2.rotate(upright, cv2.ROTATE_90_CLOCKWISE)), 8)
+    )
     p["png16"] = d / "sixteen_bit.png"
     cv2.imwrite(str(p["png16"]), upright.astype(np.uint16) * 257)
     rgba = np.dstack([upright, np.full(upright.shape[:2], 255, np.uint8)])
@@ -81,6 +87,7 @@ def check_one_error_line(proc, out_dir: Path, *needles: str):
 
 # ---- bad input: one clear line, nothing written ---------------------------------------------------
 
+
 def _truncated(d, photos_dir):
     data = (photos_dir / "fg3d_examples" / "test.jpg").read_bytes()
     return write_bytes(d / "truncated.jpg", data[: len(data) // 2])
@@ -104,7 +111,7 @@ def _empty(d, photos_dir):
 
 
 def _text(d, photos_dir):
-    return write_bytes(d / "notes.jpg", "this is not a photo\n".encode())
+    return write_bytes(d / "notes.jpg", b"this is not a photo\n")
 
 
 def _missing(d, photos_dir):
@@ -118,8 +125,9 @@ def _empty_dir(d, photos_dir):
 
 
 def _tiny(d, photos_dir):
-    img = cv2.resize(cv2.imread(str(photos_dir / "fg3d_examples" / "test.jpg")), (32, 32),
-                     interpolation=cv2.INTER_AREA)
+    img = cv2.resize(
+        cv2.imread(str(photos_dir / "fg3d_examples" / "test.jpg")), (32, 32), interpolation=cv2.INTER_AREA
+    )
     p = d / "tiny.png"
     cv2.imwrite(str(p), img)
     return p
@@ -134,7 +142,7 @@ def _too_large(d, photos_dir):
     # a valid JPEG header announcing 20000×20000 (400 MP) is refused before decoding
     data = bytearray(jpeg_bytes(np.full((16, 16, 3), 128, np.uint8)))
     i = data.index(b"\xff\xc0")
-    data[i + 5:i + 9] = struct.pack(">HH", 20000, 20000)
+    data[i + 5 : i + 9] = struct.pack(">HH", 20000, 20000)
     return write_bytes(d / "huge_header.jpg", bytes(data))
 
 
@@ -156,8 +164,10 @@ BAD = {
     "32x32": (_tiny, ["tiny.png", "no face"]),
     "no_face": (_no_face, ["shirt.jpg", "no face found"]),
     "over_150_megapixels": (_too_large, ["huge_header.jpg", "MP limit"]),
-    "over_150_megapixels_behind_metadata": (_too_large_behind_metadata, ["huge_header_meta.jpg", "20000×20000",
-                                                                          "MP limit"]),
+    "over_150_megapixels_behind_metadata": (
+        _too_large_behind_metadata,
+        ["huge_header_meta.jpg", "20000×20000", "MP limit"],
+    ),
 }
 
 
@@ -186,18 +196,22 @@ def test_unknown_format_gives_one_line_and_no_files(tmp_path, photos_dir, run_cl
     out = tmp_path / "out"
     proc = run_cli("reconstruct", photos_dir / "fg3d_examples", "-o", out, "--format", "obj,glb,fbx")
     check_one_error_line(proc, out, "fbx")
-    proc = run_cli("reconstruct", photos_dir / "fg3d_examples" / "test.jpg", "-o", out, "--format", ",", "--no-extras")
+    proc = run_cli(
+        "reconstruct", photos_dir / "fg3d_examples" / "test.jpg", "-o", out, "--format", ",", "--no-extras"
+    )
     check_one_error_line(proc, out, "no output format")
 
 
 # ---- unusual but valid photos ---------------------------------------------------------------------
 
+
 def test_unusual_photos_reconstruct_and_match_the_upright_photo(good_photos, run_cli, tmp_path):
     """EXIF orientation 6/8, 16-bit PNG, RGBA PNG, grayscale JPEG, data after the JPEG's end: all succeed."""
     d, p = good_photos
     out = tmp_path / "out"
-    proc = run_cli("reconstruct", d, "-o", out, "--format", "npz", "--no-extras", "--texture-size", "256",
-                   "--json", "-q")
+    proc = run_cli(
+        "reconstruct", d, "-o", out, "--format", "npz", "--no-extras", "--texture-size", "256", "--json", "-q"
+    )
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr and "error" not in proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -215,13 +229,15 @@ def test_unusual_photos_reconstruct_and_match_the_upright_photo(good_photos, run
     for key, lm in lms.items():
         assert nme(lm, ref) < 0.02, (key, nme(lm, ref))
     # orientation matters: the sideways pixels without the tag would give a different face position
-    sideways = cv2.imdecode(np.frombuffer(p["exif6"].read_bytes(), np.uint8), cv2.IMREAD_IGNORE_ORIENTATION
-                            | cv2.IMREAD_COLOR)
+    sideways = cv2.imdecode(
+        np.frombuffer(p["exif6"].read_bytes(), np.uint8), cv2.IMREAD_IGNORE_ORIENTATION | cv2.IMREAD_COLOR
+    )
     assert sideways.shape[:2] == cv2.imread(str(p["upright"])).shape[1::-1]
 
 
 def test_exif_orientation_is_applied_when_loading(good_photos):
     from fg3d_blender.core.image_io import load_image
+
     _, p = good_photos
     up = load_image(p["upright"]).astype(np.int16)
     for key in ("exif6", "exif8"):
@@ -247,8 +263,20 @@ def test_non_ascii_path_and_all_formats(tmp_path, example_photo, run_cli):
     assert proc.stderr.strip() == ""
     stem = "fötö 照片"
     names = sorted(q.name for q in out.iterdir())
-    assert names == sorted(f"{stem}{s}" for s in (".obj", ".mtl", "_texture.png", ".glb", ".ply", ".npz",
-                                                   "_depth.png", "_pncc.png", "_preview.png"))
+    assert names == sorted(
+        f"{stem}{s}"
+        for s in (
+            ".obj",
+            ".mtl",
+            "_texture.png",
+            ".glb",
+            ".ply",
+            ".npz",
+            "_depth.png",
+            "_pncc.png",
+            "_preview.png",
+        )
+    )
     assert f"mtllib {stem}.mtl" in (out / f"{stem}.obj").read_text(encoding="utf-8")
     with np.load(out / f"{stem}.npz") as z:
         assert z["vertices"].shape == (53215, 3)
@@ -257,11 +285,15 @@ def test_non_ascii_path_and_all_formats(tmp_path, example_photo, run_cli):
 
 # ---- several faces --------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def two_faces_photo(tmp_path_factory, photos_dir):
     a = cv2.imread(str(photos_dir / "london_faces" / "001_03_neutral.jpg"))
-    b = cv2.resize(cv2.imread(str(photos_dir / "london_faces" / "002_03_neutral.jpg")), (500, 500),
-                   interpolation=cv2.INTER_AREA)
+    b = cv2.resize(
+        cv2.imread(str(photos_dir / "london_faces" / "002_03_neutral.jpg")),
+        (500, 500),
+        interpolation=cv2.INTER_AREA,
+    )
     b = np.pad(b, ((150, 150), (0, 0), (0, 0)), mode="edge")
     p = tmp_path_factory.mktemp("two") / "two_faces.jpg"
     p.write_bytes(jpeg_bytes(np.concatenate([a, b], axis=1)))
@@ -272,8 +304,17 @@ def test_several_faces_default_largest_and_face_index(two_faces_photo, run_cli, 
     lm = {}
     for idx in (None, 1):
         out = tmp_path / f"out{idx}"
-        args = ["reconstruct", two_faces_photo, "-o", out, "--format", "npz", "--no-extras",
-                "--texture-size", "256"]
+        args = [
+            "reconstruct",
+            two_faces_photo,
+            "-o",
+            out,
+            "--format",
+            "npz",
+            "--no-extras",
+            "--texture-size",
+            "256",
+        ]
         if idx is not None:
             args += ["--face-index", str(idx)]
         proc = run_cli(*args)
@@ -288,6 +329,7 @@ def test_several_faces_default_largest_and_face_index(two_faces_photo, run_cli, 
 
 
 # ---- huge photo -----------------------------------------------------------------------------------
+
 
 def test_huge_photo_within_the_limit(tmp_path, photos_dir, run_cli, reconstructed):
     """12000×12000 (144 MP, under the 150 MP limit) with a real face pasted in: it must work."""
@@ -313,6 +355,7 @@ def test_huge_photo_within_the_limit(tmp_path, photos_dir, run_cli, reconstructe
 
 # ---- batch ----------------------------------------------------------------------------------------
 
+
 def test_batch_with_good_and_bad_photos(tmp_path, photos_dir, run_cli):
     d = tmp_path / "batch"
     d.mkdir()
@@ -333,14 +376,19 @@ def test_batch_with_good_and_bad_photos(tmp_path, photos_dir, run_cli):
     assert by_photo["a_good.jpg"]["ok"] and by_photo["b_good.jpg"]["ok"] and by_photo["b_good.png"]["ok"]
     for bad in ("truncated.jpg", "notes.jpg", "shirt.jpg"):
         assert not by_photo[bad]["ok"] and bad in by_photo[bad]["error"]
-    err_lines = [l for l in proc.stderr.replace("\r", "\n").splitlines() if l.startswith("fg3d: error:")]
+    err_lines = [ln for ln in proc.stderr.replace("\r", "\n").splitlines() if ln.startswith("fg3d: error:")]
     assert len(err_lines) == 3
     assert "6/6" in proc.stderr  # the progress bar reached the end
     assert "3 of 6 photos reconstructed, 3 failed" in proc.stderr
     names = sorted(q.name for q in out.iterdir())
-    expected = sorted(f"{s}{x}" for s in ("a_good", "b_good")
-                      for x in (".obj", ".mtl", "_texture.png", ".npz", "_depth.png", "_pncc.png", "_preview.png"))
-    expected = sorted(expected + [n.replace("b_good", "b_good_2") for n in expected if n.startswith("b_good")])
+    expected = sorted(
+        f"{s}{x}"
+        for s in ("a_good", "b_good")
+        for x in (".obj", ".mtl", "_texture.png", ".npz", "_depth.png", "_pncc.png", "_preview.png")
+    )
+    expected = sorted(
+        expected + [n.replace("b_good", "b_good_2") for n in expected if n.startswith("b_good")]
+    )
     assert names == expected  # nothing for the bad photos, no temporaries, no name clash
     assert "mtllib b_good_2.mtl" in (out / "b_good_2.obj").read_text()
 
@@ -351,8 +399,16 @@ def test_demo_command(tmp_path, run_cli):
     proc = run_cli("demo", "-o", out)
     assert proc.returncode == 0, proc.stderr
     names = {q.name for q in out.iterdir()}
-    assert {"astronaut.png", "astronaut.obj", "astronaut.mtl", "astronaut_texture.png", "astronaut.glb",
-            "astronaut.ply", "astronaut.npz", "astronaut_preview.png"} <= names
+    assert {
+        "astronaut.png",
+        "astronaut.obj",
+        "astronaut.mtl",
+        "astronaut_texture.png",
+        "astronaut.glb",
+        "astronaut.ply",
+        "astronaut.npz",
+        "astronaut_preview.png",
+    } <= names
     with np.load(out / "astronaut.npz") as z:
         assert z["vertices"].shape == (53215, 3)
         lm = z["landmarks_2d"]

@@ -1,4 +1,5 @@
 """Outputs parse back: OBJ/MTL/PNG, GLB (glTF 2.0 binary), PLY, NPZ; writes are atomic."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,8 +33,19 @@ def test_all_files_written_and_nothing_else(written):
     out, files = written
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(p.name for p in files)
-    assert names == sorted(["face.obj", "face.mtl", "face_texture.png", "face.glb", "face.ply", "face.npz",
-                            "face_depth.png", "face_pncc.png", "face_preview.png"])
+    assert names == sorted(
+        [
+            "face.obj",
+            "face.mtl",
+            "face_texture.png",
+            "face.glb",
+            "face.ply",
+            "face.npz",
+            "face_depth.png",
+            "face_pncc.png",
+            "face_preview.png",
+        ]
+    )
 
 
 def test_obj_mtl_png_parse_back(written, result):
@@ -61,7 +73,7 @@ def test_obj_mtl_png_parse_back(written, result):
     assert mtllib == "face.mtl"
     mtl = (out / mtllib).read_text(encoding="utf-8").splitlines()
     assert f"newmtl {usemtl}" in mtl
-    tex_name = [l.split(" ", 1)[1] for l in mtl if l.startswith("map_Kd ")][0]
+    tex_name = [ln.split(" ", 1)[1] for ln in mtl if ln.startswith("map_Kd ")][0]
     tex = cv2.imread(str(out / tex_name), cv2.IMREAD_UNCHANGED)
     np.testing.assert_array_equal(tex, result.texture)
 
@@ -72,11 +84,11 @@ def test_glb_is_valid_gltf_binary(written, result):
     assert magic == b"glTF" and version == 2 and total == len(data)
     jlen, jtype = struct.unpack_from("<I4s", data, 12)
     assert jtype == b"JSON" and jlen % 4 == 0
-    gltf = json.loads(data[20:20 + jlen])
+    gltf = json.loads(data[20 : 20 + jlen])
     blen, btype = struct.unpack_from("<I4s", data, 20 + jlen)
     assert btype == b"BIN\0" and blen % 4 == 0
     assert 28 + jlen + blen == len(data)
-    binary = data[28 + jlen:28 + jlen + blen]
+    binary = data[28 + jlen : 28 + jlen + blen]
     assert gltf["asset"]["version"] == "2.0"
     assert gltf["buffers"][0]["byteLength"] == blen
     prim = gltf["meshes"][0]["primitives"][0]
@@ -104,7 +116,7 @@ def test_glb_is_valid_gltf_binary(written, result):
     np.testing.assert_array_equal(idx.reshape(-1, 3), result.triangles)
     img = gltf["images"][prim["material"] * 0 + gltf["textures"][0]["source"]]
     view = gltf["bufferViews"][img["bufferView"]]
-    png = binary[view["byteOffset"]:view["byteOffset"] + view["byteLength"]]
+    png = binary[view["byteOffset"] : view["byteOffset"] + view["byteLength"]]
     assert img["mimeType"] == "image/png" and png[:8] == b"\x89PNG\r\n\x1a\n"
     tex = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED)
     np.testing.assert_array_equal(tex, result.texture)
@@ -127,8 +139,20 @@ def test_ply_header_and_body(written, result):
 
 def test_npz_keys_and_shapes(written, result):
     with np.load(written[0] / "face.npz", allow_pickle=False) as z:
-        assert {"vertices", "vertices_coarse", "triangles", "uvs", "landmarks_2d", "landmarks_3d", "pose",
-                "camera_A", "camera_b", "params", "image_vertices", "refined"} <= set(z.files)
+        assert {
+            "vertices",
+            "vertices_coarse",
+            "triangles",
+            "uvs",
+            "landmarks_2d",
+            "landmarks_3d",
+            "pose",
+            "camera_A",
+            "camera_b",
+            "params",
+            "image_vertices",
+            "refined",
+        } <= set(z.files)
         assert z["vertices"].shape == (N_V, 3) and z["triangles"].shape == (N_F, 3)
         assert z["landmarks_2d"].shape == (68, 2) and z["uvs"].shape == (N_V, 2)
         np.testing.assert_array_equal(z["vertices"], result.vertices)
@@ -162,7 +186,7 @@ def test_failure_in_the_middle_leaves_no_file_and_keeps_old_outputs(result, tmp_
     out.mkdir()
     (out / "face.obj").write_text("previous run\n")
     broken = dataclasses.replace(result, normals=None)  # write_glb fails on it after the OBJ is written
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 - whichever writer error, nothing may be left behind
         write_outputs(broken, out, "face", ("obj", "glb", "ply", "npz"))
     assert sorted(p.name for p in out.iterdir()) == ["face.obj"]
     assert (out / "face.obj").read_text() == "previous run\n"

@@ -1,7 +1,7 @@
 """FGNet network: seed-compatible state dict, checkpoint loading, shapes; UV inputs on a real photo."""
+
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import cv2
@@ -9,12 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-os.environ.setdefault("FG3D_ASSET_MIRROR", str(Path(__file__).resolve().parents[2] / "shared" / "models"))
-
-from fg3d_blender.core import detect, fgnet_inputs, render  # noqa: E402
-from fg3d_blender.core.fgnet import FGNet, load_checkpoint  # noqa: E402
-from fg3d_blender.core.image_io import load_image  # noqa: E402
-from fg3d_blender.core.pipeline import default_reconstructor  # noqa: E402
+from fg3d_blender.core import detect, fgnet_inputs, render
+from fg3d_blender.core.fgnet import FGNet, load_checkpoint
+from fg3d_blender.core.image_io import load_image
+from fg3d_blender.core.pipeline import default_reconstructor
 
 REC = default_reconstructor()
 
@@ -29,16 +27,34 @@ def seed_state_dict_spec(size: int = 16) -> dict:
     spec = {}
 
     def bn(prefix, c):
-        spec.update({f"{prefix}.weight": (c,), f"{prefix}.bias": (c,), f"{prefix}.running_mean": (c,),
-                     f"{prefix}.running_var": (c,), f"{prefix}.num_batches_tracked": ()})
+        spec.update(
+            {
+                f"{prefix}.weight": (c,),
+                f"{prefix}.bias": (c,),
+                f"{prefix}.running_mean": (c,),
+                f"{prefix}.running_var": (c,),
+                f"{prefix}.num_batches_tracked": (),
+            }
+        )
 
     spec["mask_conv.0.weight"] = (3, 1, 3, 3)
     bn("mask_conv.1", 3)
     spec["paf_conv.0.weight"] = (3, 3, 3, 3)
     spec["input_conv.1.weight"] = (size, 6, 4, 4)  # index 0 is the asymmetric zero padding
     bn("input_conv.2", size)
-    chans = [size, 2 * size, 2 * size, 4 * size, 4 * size, 8 * size, 8 * size, 16 * size, 16 * size,
-             32 * size, 32 * size]
+    chans = [
+        size,
+        2 * size,
+        2 * size,
+        4 * size,
+        4 * size,
+        8 * size,
+        8 * size,
+        16 * size,
+        16 * size,
+        32 * size,
+        32 * size,
+    ]
     for i in range(10):
         ci, co, stride = chans[i], chans[i + 1], (2 if i % 2 == 0 else 1)
         p = f"down_conv_{i + 1}"
@@ -53,8 +69,13 @@ def seed_state_dict_spec(size: int = 16) -> dict:
         bn(f"{p}.activate.0", co)
     spec["center_conv.1.weight"] = (32 * size, 32 * size, 4, 4)
     bn("center_conv.2", 32 * size)
-    for name, ci, co, convs in (("up_conv_5", 32, 16, 2), ("up_conv_4", 16, 8, 2), ("up_conv_3", 8, 4, 2),
-                                ("up_conv_2", 4, 2, 1), ("up_conv_1", 2, 1, 1)):
+    for name, ci, co, convs in (
+        ("up_conv_5", 32, 16, 2),
+        ("up_conv_4", 16, 8, 2),
+        ("up_conv_3", 8, 4, 2),
+        ("up_conv_2", 4, 2, 1),
+        ("up_conv_1", 2, 1, 1),
+    ):
         spec[f"{name}.main.0.weight"] = (ci * size, co * size, 4, 4)
         bn(f"{name}.main.1", co * size)
         for t in range(convs):
@@ -70,8 +91,14 @@ def test_state_dict_matches_seed_network():
     want = seed_state_dict_spec()
     assert set(got) == set(want), (sorted(set(got) - set(want))[:5], sorted(set(want) - set(got))[:5])
     assert got == want
-    assert sum(np.prod(s) for k, s in want.items() if not k.endswith(("running_mean", "running_var",
-                                                                      "num_batches_tracked"))) == 13_353_477
+    assert (
+        sum(
+            np.prod(s)
+            for k, s in want.items()
+            if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))
+        )
+        == 13_353_477
+    )
 
 
 def test_seed_format_checkpoint_loads_strict(tmp_path):
@@ -107,7 +134,9 @@ def test_paper_sizes_full_width():
 def test_narrow_widths_are_fully_convolutional(width, size):
     net = FGNet(width=width).eval()
     with torch.inference_mode():
-        out = net(torch.rand(2, 3, 3 * size, 3 * size), torch.rand(2, 1, size, size), torch.rand(2, 3, size, size))
+        out = net(
+            torch.rand(2, 3, 3 * size, 3 * size), torch.rand(2, 1, size, size), torch.rand(2, 3, size, size)
+        )
     assert out.shape == (2, 3, size, size)
     assert net.state_dict()["down_conv_10.activate.0.weight"].shape == (32 * width,)
 
@@ -122,7 +151,7 @@ def test_fgnet_inputs_on_real_photo():
     assert inp.paf.shape == (384, 384, 3) and inp.visibility.shape == (128, 128)
     assert inp.shape.shape == (128, 128, 3)
     assert 0.15 < float((inp.visibility > 0).mean()) < 0.9  # a frontal face: about half the layout seen
-    assert 0.0 <= inp.shape.min() and inp.shape.max() <= 1.0
+    assert inp.shape.min() >= 0.0 and inp.shape.max() <= 1.0
     # the mean shape sits in the middle of the normalisation range
     mid = fgnet_inputs.shape_offset_map(fm.mean_mm, fm, 64, shape_range)
     lo, hi = shape_range

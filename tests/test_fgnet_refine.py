@@ -1,23 +1,22 @@
 """FGNet in the pipeline (shipped weights, sha check) and the training command end to end on real photos."""
+
 from __future__ import annotations
 
-import json
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-os.environ.setdefault("FG3D_ASSET_MIRROR", str(Path(__file__).resolve().parents[2] / "shared" / "models"))
+from fg3d_blender.core import assets, detect
+from fg3d_blender.core.errors import FG3DError
+from fg3d_blender.core.geometry import shape_consistency, similarity_align
+from fg3d_blender.core.image_io import load_image
+from fg3d_blender.core.pipeline import default_reconstructor
+from fg3d_blender.core.refine import FGNetRefiner
+from training import novel_view
 
-from fg3d_blender.core import assets, detect  # noqa: E402
-from fg3d_blender.core.errors import FG3DError  # noqa: E402
-from fg3d_blender.core.geometry import shape_consistency, similarity_align  # noqa: E402
-from fg3d_blender.core.image_io import load_image  # noqa: E402
-from fg3d_blender.core.refine import FGNetRefiner  # noqa: E402
-from training import novel_view  # noqa: E402
-from fg3d_blender.core.pipeline import default_reconstructor  # noqa: E402
+pytestmark = pytest.mark.slow  # integration tier: FGNet over many real photos
 
 REC = default_reconstructor()
 
@@ -28,7 +27,7 @@ PHOTO = SHARED / "photos" / "fg3d_examples" / "AFW_1814664578_2_0.jpg"
 def test_shipped_weights_are_installed_and_verified(tmp_path, monkeypatch):
     info = assets.bundled("fgnet")
     assert info is not None, "models/assets.json names no FGNet weights, or their file is missing"
-    assert Path(info["file"]).stat().st_size <= 30 * 2 ** 20
+    assert Path(info["file"]).stat().st_size <= 30 * 2**20
     refiner = FGNetRefiner.load(REC.face_model)
     assert refiner.net.width == info["meta"]["width"] and not refiner.net.training
     assert refiner.uv_size == info["meta"]["uv_size"]
@@ -41,6 +40,18 @@ def test_shipped_weights_are_installed_and_verified(tmp_path, monkeypatch):
     monkeypatch.setattr(assets, "_PACKAGE_DIR", models.parent)
     with pytest.raises(FG3DError, match="corrupt"):
         assets.bundled("fgnet")
+
+
+def landmark_error(fit, vertices, keypoints) -> float:
+    """Mean px distance of the mesh's 68 projected keypoints to the landmark head's prediction."""
+    return float(np.linalg.norm(fit.project(vertices[keypoints])[:, :2] - fit.head_landmarks, axis=1).mean())
+
+
+def shape_error_mm(fit, vertices, truth_image_vertices) -> float:
+    """Mean distance (mm) of a posed mesh to the true one after a similarity alignment."""
+    q = fit.project(vertices).astype(np.float64)
+    aligned = similarity_align(truth_image_vertices.astype(np.float64), q)
+    return float(np.linalg.norm(aligned - q, axis=1).mean() / fit.scale)
 
 
 def test_refine_moves_the_coarse_shape_within_bounds():
@@ -64,8 +75,7 @@ def test_refine_moves_the_coarse_shape_within_bounds():
         if not faces:
             continue
         f = REC.fit(img, detect.select_face(faces, None).landmarks)
-        err = lambda v: float(np.linalg.norm(f.project(v[kp])[:, :2] - f.head_landmarks, axis=1).mean())
-        errs.append((err(f.vertices), err(refiner.refine(img, f))))
+        errs.append([landmark_error(f, v, kp) for v in (f.vertices, refiner.refine(img, f))])
     errs = np.array(errs)
     assert len(errs) >= 15 and errs[:, 1].mean() < 0.9 * errs[:, 0].mean()
 
@@ -86,12 +96,9 @@ def test_refine_removes_coarse_error_on_turned_views_of_unseen_faces(photos_dir)
         view, _ = novel_view.render_view(img, drawn, moved, fm.triangles)
         face = detect.nearest_face(REC.faces(view, use_cnn=False), moved[fm.keypoints, :2].mean(0))
         fit2 = REC.fit(view, face.landmarks)
-
-        def error_mm(vertices):
-            q = fit2.project(vertices).astype(np.float64)
-            return np.linalg.norm(similarity_align(moved.astype(np.float64), q) - q, axis=1).mean() / fit2.scale
-
-        coarse, refined = error_mm(fit2.vertices), error_mm(refiner.refine(view, fit2))
+        coarse, refined = (
+            shape_error_mm(fit2, v, moved) for v in (fit2.vertices, refiner.refine(view, fit2))
+        )
         assert 0.2 < coarse < 5.0 and refined < coarse, (p.name, coarse, refined)
         ratios.append(refined / coarse)
     assert np.mean(ratios) < 0.85, ratios
@@ -99,6 +106,7 @@ def test_refine_removes_coarse_error_on_turned_views_of_unseen_faces(photos_dir)
 
 def test_pipeline_uses_fgnet_by_default_and_no_refine_skips_it():
     from fg3d_blender.core.pipeline import reconstruct
+
     r = reconstruct(PHOTO, texture_size=256)
     assert r.refined and not np.array_equal(r.vertices, r.vertices_coarse)
     c = reconstruct(PHOTO, refine=False, texture_size=256)

@@ -1,4 +1,5 @@
 """Synthetic novel views for FGNet training: a real photo's face turned away from the camera."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -22,8 +23,11 @@ def test_turned_face_is_found_and_fitted_at_the_new_pose(photos_dir):
     moved = novel_view.turned(drawn, turn)
     # a rotation about the centroid: shape and centroid kept
     assert np.allclose(moved.mean(0), drawn.mean(0), atol=1e-3)
-    assert np.allclose(np.linalg.norm(moved - moved.mean(0), axis=1),
-                       np.linalg.norm(drawn - drawn.mean(0), axis=1), atol=1e-2)
+    assert np.allclose(
+        np.linalg.norm(moved - moved.mean(0), axis=1),
+        np.linalg.norm(drawn - drawn.mean(0), axis=1),
+        atol=1e-2,
+    )
     view, mask = novel_view.render_view(image, drawn, moved, fm.triangles)
     assert view.shape == image.shape and view.dtype == np.uint8 and 0.02 < mask.mean() < 0.9
     # drawn without a turn, the face comes back as it was in the photo (colours resampled at the vertices)

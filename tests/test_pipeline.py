@@ -1,4 +1,5 @@
 """Every stage of the reconstruction core on real photos: detection, 3DMM fit, renders, texture, result."""
+
 from __future__ import annotations
 
 import cv2
@@ -8,16 +9,25 @@ import scipy.io as sio
 
 from fg3d_blender.core import detect, morphable, render, texture
 from fg3d_blender.core.assets import asset_path
-from fg3d_blender.core.geometry import nme
 from fg3d_blender.core.errors import FG3DError, NoFaceError
+from fg3d_blender.core.geometry import nme
 from fg3d_blender.core.image_io import load_image
 from fg3d_blender.core.pipeline import default_reconstructor  # noqa: E402
+
+pytestmark = pytest.mark.slow  # integration tier: whole reconstructions of real photos
 
 REC = default_reconstructor()
 
 # a spread of the paper's examples: FRGC, AFW and HELEN crops, frontal and turned
-NME_PHOTOS = ["test.jpg", "AFW_2122067003_1_0.jpg", "AFW_2312639559_1_0.jpg", "AFW_448291547_1_0.jpg",
-              "HELEN_1238081332_1_0.jpg", "HELEN_1344304961_1_0.jpg", "02463d453_-3_13.jpg"]
+NME_PHOTOS = [
+    "test.jpg",
+    "AFW_2122067003_1_0.jpg",
+    "AFW_2312639559_1_0.jpg",
+    "AFW_448291547_1_0.jpg",
+    "HELEN_1238081332_1_0.jpg",
+    "HELEN_1344304961_1_0.jpg",
+    "02463d453_-3_13.jpg",
+]
 TURNED = "02463d453_57_-3.jpg"  # frgc_multipose: yaw 57°, face turned toward the photo's left
 
 
@@ -42,6 +52,7 @@ def turned(reconstructed, multipose):
 
 
 # ---- stage 2: detection ---------------------------------------------------------------------------
+
 
 def test_faces_found_on_every_example_photo_with_landmarks_in_the_box(examples):
     photos = sorted(examples.glob("*.jpg"))
@@ -96,7 +107,7 @@ def test_a_small_face_in_a_12_megapixel_photo_is_found_with_accurate_landmarks(p
     s = 100.0 / (ref.box[2] - ref.box[0])
     small = cv2.resize(a, None, fx=s, fy=s, interpolation=cv2.INTER_AREA)
     big = np.full((3024, 4032, 3), 127, np.uint8)
-    big[1200:1200 + small.shape[0], 1800:1800 + small.shape[1]] = small
+    big[1200 : 1200 + small.shape[0], 1800 : 1800 + small.shape[1]] = small
     faces = REC.faces(big)
     assert len(faces) == 1 and faces[0].detector == "hog"
     err = np.linalg.norm(faces[0].landmarks - (ref.landmarks * s + [1800, 1200]), axis=1).mean()
@@ -106,8 +117,11 @@ def test_a_small_face_in_a_12_megapixel_photo_is_found_with_accurate_landmarks(p
 def two_faces(photos_dir):
     """Two real London-set portraits side by side, the left one larger."""
     a = load_image(photos_dir / "london_faces" / "001_03_neutral.jpg")
-    b = cv2.resize(load_image(photos_dir / "london_faces" / "002_03_neutral.jpg"), (500, 500),
-                   interpolation=cv2.INTER_AREA)
+    b = cv2.resize(
+        load_image(photos_dir / "london_faces" / "002_03_neutral.jpg"),
+        (500, 500),
+        interpolation=cv2.INTER_AREA,
+    )
     b = np.pad(b, ((150, 150), (0, 0), (0, 0)), mode="edge")
     return np.ascontiguousarray(np.concatenate([a, b], axis=1))
 
@@ -126,6 +140,7 @@ def test_several_faces_sorted_largest_first_and_selectable(photos_dir):
 
 
 # ---- stage 3: the 3DMM fit ------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", NME_PHOTOS)
 def test_fitted_landmarks_agree_with_dlib(reconstructed, examples, name):
@@ -173,8 +188,13 @@ def test_yaw_sign_follows_the_documented_convention(reconstructed, multipose, tu
     assert abs(mirrored.pose["pitch"] - turned.pose["pitch"]) < 5
     # the frgc_multipose yaws (file name ID_YAW_PITCH) order the fitted |yaw| the same way
     yaws = []
-    for name in ("02463d453_-1_-2.jpg", "02463d453_15_-2.jpg", "02463d453_28_-3.jpg", "02463d453_44_11.jpg",
-                 TURNED):
+    for name in (
+        "02463d453_-1_-2.jpg",
+        "02463d453_15_-2.jpg",
+        "02463d453_28_-3.jpg",
+        "02463d453_44_11.jpg",
+        TURNED,
+    ):
         yaws.append(reconstructed(multipose / name, texture_size=256).pose["yaw"])
     assert abs(yaws[0]) < 6
     assert all(a > b for a, b in zip(yaws, yaws[1:])), yaws
@@ -182,7 +202,7 @@ def test_yaw_sign_follows_the_documented_convention(reconstructed, multipose, tu
 
 def test_pitch_sign_and_roll(reconstructed, multipose, tmp_path):
     down = reconstructed(multipose / "02463d453_-1_-28.jpg", texture_size=256).pose  # head tilted down
-    up = reconstructed(multipose / "02463d453_-3_13.jpg", texture_size=256).pose     # chin up
+    up = reconstructed(multipose / "02463d453_-3_13.jpg", texture_size=256).pose  # chin up
     level = reconstructed(multipose / "02463d453_-1_-2.jpg", texture_size=256)
     assert down["pitch"] > 10 and up["pitch"] < -4 and abs(level.pose["pitch"]) < 6
     # in-plane rotation of the photo shows up as roll of the same size, opposite signs both ways
@@ -199,12 +219,15 @@ def test_pitch_sign_and_roll(reconstructed, multipose, tmp_path):
 
 # ---- stage 4: renders -----------------------------------------------------------------------------
 
+
 def test_depth_is_nearer_at_the_nose_than_at_the_cheeks(frontal):
     r = frontal
     lm = r.landmarks_2d
+
     def d(p):
         x, y = np.rint(p).astype(int)
         return r.depth[y, x]
+
     nose = d(lm[30])
     cheeks = [d((lm[2] + lm[31]) / 2), d((lm[14] + lm[35]) / 2)]
     assert np.isfinite(nose) and np.all(np.isfinite(cheeks))
@@ -241,8 +264,10 @@ def test_visibility_hides_the_far_side_of_a_turned_face(reconstructed, multipose
     level = reconstructed(multipose / "02463d453_-1_-2.jpg", texture_size=256)  # yaw ≈ 0
     fm = REC.face_model
     x = fm.mean_mm[:, 0] - fm.mean_mm[:, 0].mean()
+
     def side_visible(r):
         return r.vertex_visible[x < -30].mean(), r.vertex_visible[x > 30].mean()
+
     fl, fr = side_visible(level)
     print("visible fraction left/right: level", fl, fr, "turned", *side_visible(turned))
     assert abs(fl - fr) < 0.15 and min(fl, fr) > 0.4
@@ -254,14 +279,16 @@ def test_visibility_hides_the_far_side_of_a_turned_face(reconstructed, multipose
 
 # ---- stage 5: texture -----------------------------------------------------------------------------
 
+
 def recompute_texture(r, size):
     """The texture stage run on the Result's own data, in the window the pipeline renders."""
     fm = REC.face_model
     face = render.render_face(r.image_vertices, fm.triangles, *r.image.shape[:2])
     facing = (r.normals @ r.camera["rotation"].T)[:, 2]
     tol = render.occlusion_tolerance(r.camera["scale"])
-    return texture.make_texture(r.image[face.slices], face.vertices, facing, fm.uv_raster(size), fm.triangles,
-                                face.raster.depth, tol)
+    return texture.make_texture(
+        r.image[face.slices], face.vertices, facing, fm.uv_raster(size), fm.triangles, face.raster.depth, tol
+    )
 
 
 def test_visible_texels_carry_the_photo_colour(frontal):
@@ -295,6 +322,7 @@ def test_hidden_side_is_filled_from_its_mirror(turned):
     np.testing.assert_array_equal(tex[mirrored], tex[:, ::-1][mirrored])
     # the BFM UV layout really is left-right symmetric (u ↔ 1 − u for mirrored vertices)
     from scipy.spatial import cKDTree
+
     fm = REC.face_model
     m = fm.mean_mm.astype(np.float64)
     mir = m.copy()
@@ -325,6 +353,7 @@ def test_push_pull_fill_keeps_known_pixels_and_fills_the_rest():
 
 
 # ---- the Result object ----------------------------------------------------------------------------
+
 
 def test_result_fields_and_shapes(frontal):
     r = frontal
@@ -358,6 +387,7 @@ def test_result_fields_and_shapes(frontal):
 
 def test_progress_reports_every_stage_in_order(example_photo):
     from fg3d_blender.core.pipeline import reconstruct
+
     seen = []
     reconstruct(example_photo, texture_size=256, progress=lambda s, f: seen.append((s, f)))
     stages = [s for s, _ in seen]
@@ -369,6 +399,7 @@ def test_progress_reports_every_stage_in_order(example_photo):
 
 def test_reconstruct_accepts_an_array_and_face_index(photos_dir, reconstructed):
     from fg3d_blender.core.pipeline import reconstruct
+
     img = two_faces(photos_dir)
     big = reconstruct(img, texture_size=256)
     small = reconstruct(img, face_index=1, texture_size=256)

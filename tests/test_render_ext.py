@@ -1,4 +1,5 @@
 """The compiled renderer (render_ext) against the pure-numpy reference in benchmarks/raster_reference.py."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -40,9 +41,13 @@ def compare_raster(verts, tris, h, w):
 
 
 def random_mesh(rng, n_tri, h, w, margin=8):
-    verts = np.column_stack([rng.uniform(-margin, w + margin, 3 * n_tri),
-                             rng.uniform(-margin, h + margin, 3 * n_tri),
-                             rng.uniform(-50, 50, 3 * n_tri)])
+    verts = np.column_stack(
+        [
+            rng.uniform(-margin, w + margin, 3 * n_tri),
+            rng.uniform(-margin, h + margin, 3 * n_tri),
+            rng.uniform(-50, 50, 3 * n_tri),
+        ]
+    )
     tris = rng.permutation(3 * n_tri).reshape(n_tri, 3)
     return verts, tris
 
@@ -63,7 +68,9 @@ def test_rasterize_small_triangles_match_reference():
     h, w = 24, 24
     centres = rng.uniform(0, 24, (200, 2))
     offs = rng.normal(0, 1.2, (200, 3, 2))
-    verts = np.concatenate([centres[:, None, :] + offs, rng.uniform(0, 10, (200, 3, 1))], axis=2).reshape(-1, 3)
+    verts = np.concatenate([centres[:, None, :] + offs, rng.uniform(0, 10, (200, 3, 1))], axis=2).reshape(
+        -1, 3
+    )
     tris = np.arange(600).reshape(200, 3)
     compare_raster(verts, tris, h, w)
 
@@ -76,7 +83,7 @@ def test_nearer_triangle_wins_in_either_order():
     for tris in ([[0, 1, 2], [3, 4, 5]], [[3, 4, 5], [0, 1, 2]]):
         (depth, tri_id, _), _ = compare_raster(verts, np.array(tris), h, w)
         near_id = [t for t, tri in enumerate(tris) if tri[0] == 3][0]
-        both = (tri_id >= 0)
+        both = tri_id >= 0
         # a pixel covered by both (e.g. near the top edge centre) shows the near one
         assert tri_id[3, 10] == near_id and depth[3, 10] == pytest.approx(5.0)
         assert tri_id[15, 3] == 1 - near_id and depth[15, 3] == pytest.approx(1.0)
@@ -132,8 +139,14 @@ def test_shared_edge_has_no_gaps():
 
 def test_degenerate_and_invalid_triangles_draw_nothing():
     h, w = 16, 16
-    verts = np.array([[1.0, 1.0, 1.0], [8.0, 8.0, 1.0], [14.0, 14.0, 1.0],  # collinear
-                      [3.0, 12.0, 1.0]])
+    verts = np.array(
+        [
+            [1.0, 1.0, 1.0],
+            [8.0, 8.0, 1.0],
+            [14.0, 14.0, 1.0],  # collinear
+            [3.0, 12.0, 1.0],
+        ]
+    )
     tris = np.array([[0, 1, 2], [0, 0, 3], [3, 3, 3], [0, 1, 9], [-1, 1, 3]])
     depth, tri_id, bary = rx.rasterize(_f32(verts), _i32(tris), h, w)
     assert (tri_id < 0).all() and np.isneginf(depth).all() and (bary == 0).all()
@@ -202,8 +215,12 @@ def test_vertex_normals_of_known_surfaces():
 def test_sample_bilinear_matches_reference():
     rng = np.random.default_rng(5)
     img = rng.uniform(0, 255, size=(13, 17, 3))
-    pts = np.concatenate([rng.uniform(-3, 20, size=(300, 2)),
-                          [[0, 0], [16, 12], [16.0, 0.0], [0.0, 12.0], [-5, -5], [40, 40], [7.5, 3.25]]])
+    pts = np.concatenate(
+        [
+            rng.uniform(-3, 20, size=(300, 2)),
+            [[0, 0], [16, 12], [16.0, 0.0], [0.0, 12.0], [-5, -5], [40, 40], [7.5, 3.25]],
+        ]
+    )
     out = rx.sample_bilinear(_f32(img), _f32(pts))
     assert out.shape == (len(pts), 3)
     np.testing.assert_allclose(out, ref.sample_bilinear(img, pts), rtol=1e-5, atol=1e-3)
@@ -211,11 +228,13 @@ def test_sample_bilinear_matches_reference():
     np.testing.assert_allclose(rx.sample_bilinear(_f32(img), _f32([[4, 9]])), img[9:10, 4], rtol=1e-6)
     # the wrapper in core.render squeezes single-channel maps
     g = img[:, :, 0]
-    np.testing.assert_allclose(render.sample(g, pts), ref.sample_bilinear(g[:, :, None], pts)[:, 0],
-                               rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(
+        render.sample(g, pts), ref.sample_bilinear(g[:, :, None], pts)[:, 0], rtol=1e-5, atol=1e-3
+    )
 
 
 # ---- UV space on the real BFM mesh ----------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def bfm(shared_dir):
@@ -244,8 +263,9 @@ def test_uv_round_trip_returns_per_vertex_values(bfm):
     r = bfm.uv_raster(size)
     ys, xs = np.nonzero(r.mask)
     pick = np.random.default_rng(0).choice(len(ys), 500, replace=False)
-    exp = ref.interpolate(r.tri_id[ys[pick], xs[pick]][None], r.bary[ys[pick], xs[pick]][None],
-                          bfm.triangles, attrs)[0]
+    exp = ref.interpolate(
+        r.tri_id[ys[pick], xs[pick]][None], r.bary[ys[pick], xs[pick]][None], bfm.triangles, attrs
+    )[0]
     np.testing.assert_allclose(uv_map[ys[pick], xs[pick]], exp, atol=1e-3)
 
 
@@ -255,7 +275,9 @@ def test_uv_raster_matches_reference_on_a_bfm_patch(bfm):
     pix = render.uv_pixel_coords(bfm.uvs, size)
     pix[:, :2] -= 224  # a window in the middle of the layout
     pix[:, 2] = np.random.default_rng(1).uniform(0, 1, len(pix))
-    sel = np.all(np.all((pix[bfm.triangles][:, :, :2] > -2) & (pix[bfm.triangles][:, :, :2] < 66), axis=2), axis=1)
+    sel = np.all(
+        np.all((pix[bfm.triangles][:, :, :2] > -2) & (pix[bfm.triangles][:, :, :2] < 66), axis=2), axis=1
+    )
     tris = bfm.triangles[sel]
     assert len(tris) > 500
     compare_raster(pix.astype(np.float64), tris, 64, 64)

@@ -54,14 +54,32 @@ def test_training_and_inference_build_identical_fgnet_inputs():
     assert b["paf"].shape == (2, 3, 192, 192) and b["vis"].shape == (2, 1, 64, 64)
 
 
+@pytest.mark.slow  # trains, fine-tunes and resumes (about 50 s)
 def test_train_fgnet_command_builds_cache_trains_and_resumes(tmp_path):
     photos = tmp_path / "photos"
     photos.mkdir()
     for p in sorted((SHARED / "training" / "utkface").iterdir())[:10]:
         shutil.copyfile(p, photos / p.name)
     out = tmp_path / "w.pt"
-    args = ["train-fgnet", "--photos", str(photos), "--out", str(out), "--steps", "2", "--batch", "2",
-            "--width", "4", "--uv-size", "64", "--checkpoint-every", "1", "--eval-every", "0"]
+    args = [
+        "train-fgnet",
+        "--photos",
+        str(photos),
+        "--out",
+        str(out),
+        "--steps",
+        "2",
+        "--batch",
+        "2",
+        "--width",
+        "4",
+        "--uv-size",
+        "64",
+        "--checkpoint-every",
+        "1",
+        "--eval-every",
+        "0",
+    ]
     assert main(args) == 0
     data = cache.load_cache(tmp_path / "w.cache")
     assert data["size"] == 64 and 8 <= len(data["names"]) <= 10
@@ -90,9 +108,29 @@ def test_train_fgnet_command_builds_cache_trains_and_resumes(tmp_path):
     assert info["meta"]["landmark_target"] == "head" and info["meta"]["width"] == 4
     # fine-tuning with synthetic views: the views' geometry is the coarse fit refined by --init
     out2 = tmp_path / "w2.pt"
-    args2 = ["train-fgnet", "--photos", str(photos), "--out", str(out2), "--cache", str(tmp_path / "w.cache"),
-             "--steps", "1", "--batch", "2", "--uv-size", "64", "--eval-every", "0", "--init", str(out),
-             "--views", "6", "--views-per-batch", "2"]
+    args2 = [
+        "train-fgnet",
+        "--photos",
+        str(photos),
+        "--out",
+        str(out2),
+        "--cache",
+        str(tmp_path / "w.cache"),
+        "--steps",
+        "1",
+        "--batch",
+        "2",
+        "--uv-size",
+        "64",
+        "--eval-every",
+        "0",
+        "--init",
+        str(out),
+        "--views",
+        "6",
+        "--views-per-batch",
+        "2",
+    ]
     assert main(args2) == 0
     views = cache.load_cache(tmp_path / "w.cache" / "views", "views_*.npz")
     assert 4 <= len(views["names"]) <= 6 and all(str(n).startswith("view_") for n in views["names"])
@@ -115,5 +153,3 @@ def test_train_fgnet_command_builds_cache_trains_and_resumes(tmp_path):
     # and rebuilt when the photos are given again (only that shard)
     cache.build_cache(REC, list_photos(photos), tmp_path / "w.cache", 64, log=lambda m: None)
     assert len(cache.load_cache(tmp_path / "w.cache")["names"]) == len(data["names"])
-
-

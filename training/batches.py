@@ -53,8 +53,9 @@ class Batcher:
 
     def inputs(self, i: int) -> FGNetInputs:
         """Record ``i``'s FGNet inputs: ``fgnet_inputs`` of its photo and cached fit."""
-        return fgnet_inputs(self.d["images"][i], cached_fit(self.fm, self.d, i), self.fm, self.size,
-                            self.shape_range)
+        return fgnet_inputs(
+            self.d["images"][i], cached_fit(self.fm, self.d, i), self.fm, self.size, self.shape_range
+        )
 
     def batch(self, idx):
         d, dev = self.d, self.device
@@ -64,8 +65,9 @@ class Batcher:
             "vis": _tensor([p.visibility[None] for p in parts], dev),
             "shape": _tensor([p.shape.transpose(2, 0, 1) for p in parts], dev),
             "p0": _tensor([self.uvm.positions(d["alpha"][i]) for i in idx], dev),
-            "image": _tensor([d["images"][i][:, :, ::-1].transpose(2, 0, 1).astype(np.float32) / 255 for i in idx],
-                             dev),
+            "image": _tensor(
+                [d["images"][i][:, :, ::-1].transpose(2, 0, 1).astype(np.float32) / 255 for i in idx], dev
+            ),
             "A": _tensor([d["A"][i] for i in idx], dev),
             "b": _tensor([d["b"][i] for i in idx], dev),
             "rot": _tensor([d["rot"][i] for i in idx], dev),

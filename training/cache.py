@@ -40,34 +40,46 @@ def estimate_albedo_light(tex: np.ndarray, normals_cam: np.ndarray, w: np.ndarra
     if sel.sum() < 50:
         return np.zeros((size, size, 3), np.float32), np.zeros(9, np.float32)
     yw = y[sel] * w[sel, None]
-    l = np.linalg.solve(yw.T @ y[sel] + 1e-3 * np.eye(9), yw.T @ g[sel])
-    shade = np.clip(y @ l, 0.05, None)
+    light = np.linalg.solve(yw.T @ y[sel] + 1e-3 * np.eye(9), yw.T @ g[sel])
+    shade = np.clip(y @ light, 0.05, None)
     sig = max(1.0, size * ALBEDO_SIGMA_FRAC)
     num = cv2.GaussianBlur((tex * w[..., None]).astype(np.float32), (0, 0), sig)
     den = cv2.GaussianBlur((shade * w).astype(np.float32), (0, 0), sig)
     alb = num / np.maximum(den, 1e-3)[..., None]
-    return np.clip(alb, 0, 3).astype(np.float32), l.astype(np.float32)
+    return np.clip(alb, 0, 3).astype(np.float32), light.astype(np.float32)
 
 
-def cache_one(rec: Reconstructor, image: np.ndarray, landmarks: np.ndarray, size: int,
-              shape_range: Tuple[float, float]) -> dict:
+def cache_one(
+    rec: Reconstructor, image: np.ndarray, landmarks: np.ndarray, size: int, shape_range: Tuple[float, float]
+) -> dict:
     """Everything training needs about one photo (coarse fit, UV maps, albedo, lighting)."""
     fm = rec.face_model
     fit = rec.fit(image, landmarks)
     inp = fgnet_inputs(image, fit, fm, size, shape_range)
     rgb = image[:, :, ::-1].astype(np.float32) / 255.0
     pos = inp.positions / inp.scale
-    tex = cv2.remap(rgb, np.ascontiguousarray(pos[:, :, 0]), np.ascontiguousarray(pos[:, :, 1]),
-                    cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    tex = cv2.remap(
+        rgb,
+        np.ascontiguousarray(pos[:, :, 0]),
+        np.ascontiguousarray(pos[:, :, 1]),
+        cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_REPLICATE,
+    )
     n = render.vertex_normals(fit.vertices, fm.triangles) @ fit.rotation.T
     n_uv = fm.to_uv(n, size)
     n_uv /= np.maximum(np.linalg.norm(n_uv, axis=-1, keepdims=True), 1e-6)
     alb, light = estimate_albedo_light(tex, n_uv, inp.visibility, size)
-    return {"alpha": fit.params[12:52].astype(np.float32), "A": fit.A.astype(np.float32),
-            "b": fit.b.astype(np.float32), "rot": fit.rotation.astype(np.float32),
-            "landmarks": landmarks.astype(np.float32), "head_landmarks": fit.head_landmarks.astype(np.float32),
-            "vis": (inp.visibility * 255 + 0.5).astype(np.uint8),
-            "albedo": alb.astype(np.float16), "light": light}
+    return {
+        "alpha": fit.params[12:52].astype(np.float32),
+        "A": fit.A.astype(np.float32),
+        "b": fit.b.astype(np.float32),
+        "rot": fit.rotation.astype(np.float32),
+        "landmarks": landmarks.astype(np.float32),
+        "head_landmarks": fit.head_landmarks.astype(np.float32),
+        "vis": (inp.visibility * 255 + 0.5).astype(np.uint8),
+        "albedo": alb.astype(np.float16),
+        "light": light,
+    }
 
 
 def _load_fixed(path: Path, side: int) -> np.ndarray:
@@ -77,8 +89,16 @@ def _load_fixed(path: Path, side: int) -> np.ndarray:
     return img
 
 
-def build_cache(rec: Reconstructor, photos: List[Path], cache: Path, size: int, worker: int = 0,
-                workers: int = 1, side: int = 200, log=print) -> None:
+def build_cache(
+    rec: Reconstructor,
+    photos: List[Path],
+    cache: Path,
+    size: int,
+    worker: int = 0,
+    workers: int = 1,
+    side: int = 200,
+    log=print,
+) -> None:
     """Write ``shard_XXX.npz`` files (``SHARD`` photos each); existing shards of this version and UV size
     are kept (resume), others are rebuilt.  Photos that are unreadable or not ``side``² are skipped,
     and so are those where HOG finds no face; each shard's log line counts them."""
@@ -107,17 +127,27 @@ def build_cache(rec: Reconstructor, photos: List[Path], cache: Path, size: int, 
             images.append(img)
         stacked = np.stack(images) if images else np.zeros((0, side, side, 3), np.uint8)
         write_shard(out, recs, names, stacked, size)
-        log(f"cache shard {si + 1}/{n_shards}: {len(recs)} faces of {len(part)} photos "
-            f"({skipped} unreadable or not {side}×{side}) in {time.perf_counter() - t0:.0f} s")
+        log(
+            f"cache shard {si + 1}/{n_shards}: {len(recs)} faces of {len(part)} photos "
+            f"({skipped} unreadable or not {side}×{side}) in {time.perf_counter() - t0:.0f} s"
+        )
 
 
-def write_shard(out: Path, recs: List[dict], names: List[str], images: np.ndarray, size: int,
-                 tag: str = "") -> None:
+def write_shard(
+    out: Path, recs: List[dict], names: List[str], images: np.ndarray, size: int, tag: str = ""
+) -> None:
     """One shard of records, written atomically with its version, UV size and ``tag``."""
     arrays = {k: np.stack([r[k] for r in recs]) for k in recs[0]} if recs else {}
     tmp = out.with_name(f".{out.stem}.{os.getpid()}.npz")
-    np.savez(tmp, names=np.array(names), images=images, size=np.array(size), version=np.array(CACHE_VERSION),
-             teacher=np.array(tag), **arrays)
+    np.savez(
+        tmp,
+        names=np.array(names),
+        images=images,
+        size=np.array(size),
+        version=np.array(CACHE_VERSION),
+        teacher=np.array(tag),
+        **arrays,
+    )
     os.replace(tmp, out)
 
 
@@ -133,13 +163,17 @@ def load_cache(cache: Path, pattern: str = "shard_*.npz") -> dict:
         raise FileNotFoundError(cache)
     old = [f.name for f in files if shard_meta(f)[0] != CACHE_VERSION]
     if old:
-        raise ValueError(f"cache {cache} was built by an older version ({', '.join(old[:3])}…); "
-                         f"delete the folder, or pass --photos, to rebuild it")
+        raise ValueError(
+            f"cache {cache} was built by an older version ({', '.join(old[:3])}…); "
+            f"delete the folder, or pass --photos, to rebuild it"
+        )
     parts = [dict(np.load(f, allow_pickle=False)) for f in files]
     parts = [p for p in parts if len(p["names"])]
     if not parts:
         raise ValueError(f"cache {cache} holds no faces")
-    out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0] if k not in ("size", "version", "teacher")}
+    out = {
+        k: np.concatenate([p[k] for p in parts]) for k in parts[0] if k not in ("size", "version", "teacher")
+    }
     out["size"] = int(parts[0]["size"])
     return out
 
@@ -151,6 +185,10 @@ def is_holdout(name: str) -> bool:
 
 def cached_fit(fm: FaceModel, data: dict, i: int) -> Fit:
     """The coarse fit of cached record ``i`` (its shape parameters and camera) as a ``Fit``."""
-    return Fit(params=np.zeros(62, np.float32), roi_box=np.zeros(4, np.float32),
-               vertices=fm.shape_mm(data["alpha"][i]).astype(np.float32),
-               A=data["A"][i].astype(np.float32), b=data["b"][i].astype(np.float32))
+    return Fit(
+        params=np.zeros(62, np.float32),
+        roi_box=np.zeros(4, np.float32),
+        vertices=fm.shape_mm(data["alpha"][i]).astype(np.float32),
+        A=data["A"][i].astype(np.float32),
+        b=data["b"][i].astype(np.float32),
+    )

@@ -14,7 +14,9 @@ from . import trainer
 
 def add_arguments(t: argparse.ArgumentParser) -> None:
     t.add_argument("--photos", required=True, metavar="DIR")
-    t.add_argument("--out", required=True, metavar="FILE", help="weights file (fp16); FILE.ckpt is the checkpoint")
+    t.add_argument(
+        "--out", required=True, metavar="FILE", help="weights file (fp16); FILE.ckpt is the checkpoint"
+    )
     t.add_argument("--steps", type=int, default=3000)
     t.add_argument("--resume", action="store_true", help="continue from FILE.ckpt")
     t.add_argument("--cache", metavar="DIR", help="precomputed inputs (default FILE.cache; built when empty)")
@@ -23,15 +25,29 @@ def add_arguments(t: argparse.ArgumentParser) -> None:
     t.add_argument("--batch", type=int, default=8)
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--checkpoint-every", type=int, default=100, metavar="N")
-    t.add_argument("--eval-every", type=int, default=500, metavar="N", help="held-out evaluation (0 = only at the end)")
-    t.add_argument("--landmark-target", choices=["head", "dlib"], default="head",
-                   help="landmark loss target: the regressor's landmark head (default) or dlib's 68")
+    t.add_argument(
+        "--eval-every", type=int, default=500, metavar="N", help="held-out evaluation (0 = only at the end)"
+    )
+    t.add_argument(
+        "--landmark-target",
+        choices=["head", "dlib"],
+        default="head",
+        help="landmark loss target: the regressor's landmark head (default) or dlib's 68",
+    )
     t.add_argument("--threads", type=int, default=1, help="CPU threads for torch (without CUDA)")
-    t.add_argument("--init", metavar="FILE", help="start from these weights (fine-tune); they also refine "
-                   "the shapes drawn in the synthetic views")
-    t.add_argument("--views", type=int, default=0, metavar="N",
-                   help="add N synthetic views of training photos, turned away from the camera, whose 3D "
-                        "shape is known (0 = none)")
+    t.add_argument(
+        "--init",
+        metavar="FILE",
+        help="start from these weights (fine-tune); they also refine the shapes drawn in the synthetic views",
+    )
+    t.add_argument(
+        "--views",
+        type=int,
+        default=0,
+        metavar="N",
+        help="add N synthetic views of training photos, turned away from the camera, whose 3D "
+        "shape is known (0 = none)",
+    )
     t.add_argument("--views-per-batch", type=int, default=4, metavar="N")
     t.add_argument("--view-weight", type=float, default=0.15, help="weight of the views' 3D error, per mm")
 
@@ -46,12 +62,25 @@ def run(args) -> int:
         raise FG3DError("--views must be 0 or more and --views-per-batch 1 or more")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    res = trainer.train(photos, out, steps=args.steps, resume=args.resume,
-                        cache=Path(args.cache) if args.cache else None, width=args.width, size=args.uv_size,
-                        batch=args.batch, lr=args.lr, checkpoint_every=args.checkpoint_every,
-                        eval_every=args.eval_every, target=args.landmark_target, threads=args.threads,
-                        init=Path(args.init) if args.init else None, views=args.views,
-                        views_per_batch=args.views_per_batch, view_weight=args.view_weight,
-                        log=lambda m: print(m, file=sys.stderr, flush=True))
+    res = trainer.train(
+        photos,
+        out,
+        steps=args.steps,
+        resume=args.resume,
+        cache=Path(args.cache) if args.cache else None,
+        width=args.width,
+        size=args.uv_size,
+        batch=args.batch,
+        lr=args.lr,
+        checkpoint_every=args.checkpoint_every,
+        eval_every=args.eval_every,
+        target=args.landmark_target,
+        threads=args.threads,
+        init=Path(args.init) if args.init else None,
+        views=args.views,
+        views_per_batch=args.views_per_batch,
+        view_weight=args.view_weight,
+        log=lambda m: print(m, file=sys.stderr, flush=True),
+    )
     print(json.dumps(res))
     return 0

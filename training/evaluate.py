@@ -26,7 +26,7 @@ def evaluate(net, batcher: Batcher, losses: Losses, idx: np.ndarray, batch: int 
     net.eval()
     with torch.inference_mode():
         for s in range(0, len(idx), batch):
-            b = batcher.batch(idx[s:s + batch])
+            b = batcher.batch(idx[s : s + batch])
             d = net(b["paf"], b["vis"], b["shape"]).float()
             for tag, dd in (("coarse", torch.zeros_like(d)), ("refined", d)):
                 p = b["p0"] + dd.permute(0, 2, 3, 1)
@@ -37,12 +37,15 @@ def evaluate(net, batcher: Batcher, losses: Losses, idx: np.ndarray, batch: int 
             dn = d.permute(0, 2, 3, 1).cpu().numpy()
             m = (b["vis"][:, 0] * losses.inner).cpu().numpy() > 0
             det += [detail_mm(dn[j], m[j], batcher.size / 64) for j in range(len(dn))]
-    return {"n": int(len(idx)), "landmark_target": batcher.target,
-            "photometric_coarse": acc["photo_coarse"][0] / max(acc["photo_coarse"][1], 1e-9),
-            "photometric_refined": acc["photo_refined"][0] / max(acc["photo_refined"][1], 1e-9),
-            "landmark_nme_coarse": float(np.concatenate(nme_c).mean()),
-            "landmark_nme_refined": float(np.concatenate(nme_r).mean()),
-            "detail_mm": float(np.mean(det))}
+    return {
+        "n": int(len(idx)),
+        "landmark_target": batcher.target,
+        "photometric_coarse": acc["photo_coarse"][0] / max(acc["photo_coarse"][1], 1e-9),
+        "photometric_refined": acc["photo_refined"][0] / max(acc["photo_refined"][1], 1e-9),
+        "landmark_nme_coarse": float(np.concatenate(nme_c).mean()),
+        "landmark_nme_refined": float(np.concatenate(nme_r).mean()),
+        "detail_mm": float(np.mean(det)),
+    }
 
 
 def evaluate_views(net, batcher: Batcher, losses: Losses, idx: np.ndarray, batch: int = 16) -> dict:
@@ -53,16 +56,20 @@ def evaluate_views(net, batcher: Batcher, losses: Losses, idx: np.ndarray, batch
     net.eval()
     with torch.inference_mode():
         for s in range(0, len(idx), batch):
-            b = batcher.batch(idx[s:s + batch])
+            b = batcher.batch(idx[s : s + batch])
             d = net(b["paf"], b["vis"], b["shape"]).float()
             coarse.append(losses.shape_error_mm(torch.zeros_like(d), b).cpu().numpy())
             refined.append(losses.shape_error_mm(d, b).cpu().numpy())
-    return {"views_n": int(len(idx)), "view_shape_mm_coarse": float(np.concatenate(coarse).mean()),
-            "view_shape_mm_refined": float(np.concatenate(refined).mean())}
+    return {
+        "views_n": int(len(idx)),
+        "view_shape_mm_coarse": float(np.concatenate(coarse).mean()),
+        "view_shape_mm_refined": float(np.concatenate(refined).mean()),
+    }
 
 
-def recalibrate_bn(net, batcher: Batcher, idx: np.ndarray, batches: int = 40, batch: int = 16,
-                   seed: int = 0) -> None:
+def recalibrate_bn(
+    net, batcher: Batcher, idx: np.ndarray, batches: int = 40, batch: int = 16, seed: int = 0
+) -> None:
     """Replace the BatchNorm running statistics by exact averages over ``batches`` training batches.
 
     With small batches and a fast-moving network the exponential running averages lag behind the

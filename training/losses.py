@@ -32,8 +32,9 @@ class Losses:
 
     WEIGHTS = {"photo": 1.0, "landmark": 2.0, "laplacian": 2.0, "magnitude": 1e-3}
 
-    def __init__(self, fm: FaceModel, uvm: UVModel, device, weights: Optional[dict] = None,
-                 target: str = "head"):
+    def __init__(
+        self, fm: FaceModel, uvm: UVModel, device, weights: Optional[dict] = None, target: str = "head"
+    ):
         self.w = dict(self.WEIGHTS, **(weights or {}))
         lay = uvm.layout.astype(np.float32)
         inner = cv2.erode(lay, np.ones((3, 3), np.uint8)) > 0
@@ -51,8 +52,11 @@ class Losses:
         x = np.arange(-int(3 * sig), int(3 * sig) + 1, dtype=np.float32)
         g = np.exp(-x * x / (2 * sig * sig))
         self.gauss = torch.from_numpy(g / g.sum()).to(device)
-        self.lap_k = torch.tensor([[0, 1, 0], [1, -4, 1], [0, 1, 0]], dtype=torch.float32,
-                                  device=device).view(1, 1, 3, 3).repeat(3, 1, 1, 1)
+        self.lap_k = (
+            torch.tensor([[0, 1, 0], [1, -4, 1], [0, 1, 0]], dtype=torch.float32, device=device)
+            .view(1, 1, 3, 3)
+            .repeat(3, 1, 1, 1)
+        )
 
     @staticmethod
     def _normal_sign(fm: FaceModel, uvm: UVModel) -> float:
@@ -77,8 +81,12 @@ class Losses:
         c = x.shape[1]
         k = self.gauss.to(x.dtype)
         r = k.shape[-1] // 2
-        x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
-        return F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
+        x = F.conv2d(
+            F.pad(x, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c
+        )
+        return F.conv2d(
+            F.pad(x, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c
+        )
 
     def photometric_residual(self, p, b):
         """Per-texel (B,S,S) residual |photo(q) − albedo·shading(n)| and its weight (B,S,S).
@@ -100,8 +108,9 @@ class Losses:
 
     def landmark_nme(self, d, b):
         """(B,68) landmark errors normalised by sqrt(w·h) of the target landmarks' box."""
-        dk = F.grid_sample(d, self.kp_grid.expand(d.shape[0], -1, -1, -1), mode="bilinear",
-                                             align_corners=False)[:, :, 0].transpose(1, 2)   # (B,68,3)
+        dk = F.grid_sample(
+            d, self.kp_grid.expand(d.shape[0], -1, -1, -1), mode="bilinear", align_corners=False
+        )[:, :, 0].transpose(1, 2)  # (B,68,3)
         q = self.project(b["kp0"] + dk, b)[..., :2]
         wh = b["lm"].amax(1) - b["lm"].amin(1)
         return (q - b["lm"]).norm(dim=-1) / (wh[:, 0] * wh[:, 1]).sqrt().unsqueeze(1)

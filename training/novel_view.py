@@ -8,6 +8,7 @@ Turning away only hides surface; it reveals none the photo did not show, so the 
 invented texture.  The pipeline's coarse fit of the render, compared with the mesh that was drawn,
 gives a 3D error that FGNet can be trained to remove (``train_fgnet``).
 """
+
 from __future__ import annotations
 
 from typing import Tuple
@@ -44,8 +45,9 @@ def away_yaw(face_yaw_deg: float, amount_deg: float, rng: np.random.Generator) -
     return float(side * amount_deg)
 
 
-def render_view(image: np.ndarray, image_vertices: np.ndarray, new_vertices: np.ndarray,
-                triangles: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+def render_view(
+    image: np.ndarray, image_vertices: np.ndarray, new_vertices: np.ndarray, triangles: np.ndarray
+) -> Tuple[np.ndarray, np.ndarray]:
     """The face at ``image_vertices`` in the uint8 photo, redrawn at ``new_vertices`` (same vertex
     order) over the blurred photo.  Colours are the photo's at each vertex's original position.
     Returns (uint8 image like ``image``, mask of the face pixels)."""

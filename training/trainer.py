@@ -53,11 +53,27 @@ def save_weights(net, path: Path, meta: dict) -> str:
     return sha256_of(path)
 
 
-def train(photos: Path, out: Path, steps: int = 2000, resume: bool = False, cache: Optional[Path] = None,
-          width: int = 8, size: int = 128, batch: int = 8, lr: float = 1e-3, checkpoint_every: int = 100,
-          eval_every: int = 500, seed: int = 0, target: str = "head", threads: int = 1,
-          init: Optional[Path] = None, views: int = 0, views_per_batch: int = 4, view_weight: float = 0.15,
-          log=print) -> dict:
+def train(
+    photos: Path,
+    out: Path,
+    steps: int = 2000,
+    resume: bool = False,
+    cache: Optional[Path] = None,
+    width: int = 8,
+    size: int = 128,
+    batch: int = 8,
+    lr: float = 1e-3,
+    checkpoint_every: int = 100,
+    eval_every: int = 500,
+    seed: int = 0,
+    target: str = "head",
+    threads: int = 1,
+    init: Optional[Path] = None,
+    views: int = 0,
+    views_per_batch: int = 4,
+    view_weight: float = 0.15,
+    log=print,
+) -> dict:
     """Train (or, with ``init``, fine-tune) FGNet on ``photos``; see the module docstring.
 
     ``views`` > 0 adds that many synthetic views of training photos (``view_one``; their geometry is the
@@ -76,7 +92,10 @@ def train(photos: Path, out: Path, steps: int = 2000, resume: bool = False, cach
         raise ValueError(f"cache {cache} was built at UV size {data['size']}, not {size}")
     hold = np.array([is_holdout(str(n)) for n in data["names"]])
     train_idx, held_idx = np.flatnonzero(~hold), np.flatnonzero(hold)
-    log(f"{len(data['names'])} cached faces: {len(train_idx)} train, {len(held_idx)} held out; device {device}")
+    log(
+        f"{len(data['names'])} cached faces: {len(train_idx)} train, {len(held_idx)} held out; "
+        f"device {device}"
+    )
     batcher = Batcher(fm, data, size, device, target)
     losses = Losses(fm, batcher.uvm, device, target=target)
     torch.manual_seed(seed)
@@ -95,10 +114,12 @@ def train(photos: Path, out: Path, steps: int = 2000, resume: bool = False, cach
     vbatcher, view_train, view_held = None, np.zeros(0, int), np.zeros(0, int)
     if views > 0:
         pick = np.random.default_rng(seed).permutation(train_idx)[:views]
-        held_pick = held_idx[:max(1, views // 20)]
-        build_view_cache(rec, data, np.concatenate([pick, held_pick]), cache / "views", size, teacher, tag, log=log)
+        held_pick = held_idx[: max(1, views // 20)]
+        build_view_cache(
+            rec, data, np.concatenate([pick, held_pick]), cache / "views", size, teacher, tag, log=log
+        )
         vdata = load_cache(cache / "views", "views_*.npz")
-        vhold = np.array([is_holdout(str(n)[len("view_"):]) for n in vdata["names"]])
+        vhold = np.array([is_holdout(str(n)[len("view_") :]) for n in vdata["names"]])
         view_train, view_held = np.flatnonzero(~vhold), np.flatnonzero(vhold)
         vbatcher = Batcher(fm, vdata, size, device, "head")
         log(f"{len(vdata['names'])} synthetic views: {len(view_train)} train, {len(view_held)} held out")
@@ -139,16 +160,29 @@ def train(photos: Path, out: Path, steps: int = 2000, resume: bool = False, cach
         if step % 10 == 0 or step == steps:
             rate = (time.perf_counter() - t0) / seen
             bar = "#" * int(30 * step / steps)
-            log(f"[{bar:30s}] step {step}/{steps} " + " ".join(f"{k} {v:.4g}" for k, v in run.items())
-                + f" | {rate:.2f} s/step, ETA {rate * (steps - step) / 60:.0f} min")
+            log(
+                f"[{bar:30s}] step {step}/{steps} "
+                + " ".join(f"{k} {v:.4g}" for k, v in run.items())
+                + f" | {rate:.2f} s/step, ETA {rate * (steps - step) / 60:.0f} min"
+            )
         if step % checkpoint_every == 0 or step == steps:
             history.append({"step": step, **run})
             tmp = ckpt.with_name(f".{ckpt.name}.tmp")
-            torch.save({"state_dict": net.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                        "history": json.dumps(history)}, str(tmp))
+            torch.save(
+                {
+                    "state_dict": net.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "step": step,
+                    "history": json.dumps(history),
+                },
+                str(tmp),
+            )
             os.replace(tmp, ckpt)
-            save_weights(net, out, {"width": width, "uv_size": size, "paf_k": PAF_K, "step": step,
-                                         "landmark_target": target})
+            save_weights(
+                net,
+                out,
+                {"width": width, "uv_size": size, "paf_k": PAF_K, "step": step, "landmark_target": target},
+            )
         if eval_every and step % eval_every == 0 and step < steps:
             recalibrate_bn(net, batcher, train_idx, seed=step)
             ev = evaluate(net, batcher, losses, held_idx[:256])
@@ -159,12 +193,31 @@ def train(photos: Path, out: Path, steps: int = 2000, resume: bool = False, cach
     ev = evaluate(net, batcher, losses, held_idx)
     if vbatcher is not None:
         ev.update(evaluate_views(net, vbatcher, losses, view_held))
-    sha = save_weights(net, out, {"width": width, "uv_size": size, "paf_k": PAF_K, "step": step,
-                                  "landmark_target": target, "heldout": json.dumps(ev), "views": views,
-                                  "init_sha256": tag})
+    sha = save_weights(
+        net,
+        out,
+        {
+            "width": width,
+            "uv_size": size,
+            "paf_k": PAF_K,
+            "step": step,
+            "landmark_target": target,
+            "heldout": json.dumps(ev),
+            "views": views,
+            "init_sha256": tag,
+        },
+    )
     log("final held-out: " + json.dumps(ev))
-    return {"out": str(out), "sha256": sha, "steps": step, "heldout": ev, "device": str(device),
-            "landmark_target": target, "views": views, "init_sha256": tag}
+    return {
+        "out": str(out),
+        "sha256": sha,
+        "steps": step,
+        "heldout": ev,
+        "device": str(device),
+        "landmark_target": target,
+        "views": views,
+        "init_sha256": tag,
+    }
 
 
 def install_weights(src: Path, models: Path, name: Optional[str] = None) -> dict:
@@ -175,11 +228,22 @@ def install_weights(src: Path, models: Path, name: Optional[str] = None) -> dict
     dst = models / name
     if Path(src).resolve() != dst.resolve():
         shutil.copyfile(src, dst)
-    meta = {"width": int(ck["width"]), "uv_size": int(ck["uv_size"]), "paf_k": int(ck["paf_k"]),
-            "steps": int(ck["step"]), "landmark_target": str(ck.get("landmark_target", "dlib"))}
+    meta = {
+        "width": int(ck["width"]),
+        "uv_size": int(ck["uv_size"]),
+        "paf_k": int(ck["paf_k"]),
+        "steps": int(ck["step"]),
+        "landmark_target": str(ck.get("landmark_target", "dlib")),
+    }
     if int(ck.get("views", 0)):
         meta.update(views=int(ck["views"]), init_sha256=str(ck["init_sha256"]))
-    entry = {"role": "fgnet", "path": name, "size": dst.stat().st_size, "sha256": sha256_of(dst),
-             "licence": FGNET_LICENCE, "meta": meta}
+    entry = {
+        "role": "fgnet",
+        "path": name,
+        "size": dst.stat().st_size,
+        "sha256": sha256_of(dst),
+        "licence": FGNET_LICENCE,
+        "meta": meta,
+    }
     write_bundled(models, entry)
     return entry

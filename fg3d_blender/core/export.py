@@ -4,6 +4,7 @@ Every file is first written under a hidden temporary name in the output folder a
 all of them are complete, so a failure never leaves a partial file behind.  OBJ and PLY are in
 millimetres, GLB in metres (glTF's unit); all are in the canonical BFM frame (y up, face toward +z).
 """
+
 from __future__ import annotations
 
 import json
@@ -80,9 +81,11 @@ def write_obj(obj_path: str, mtl_path: str, mtl_name: str, tex_name: str, result
 def write_ply(path: str, result) -> None:
     v = result.vertices.astype("<f4")
     tri = result.triangles.astype("<i4")
-    header = (f"ply\nformat binary_little_endian 1.0\ncomment fg3d-blender face mesh, millimetres\n"
-              f"element vertex {len(v)}\nproperty float x\nproperty float y\nproperty float z\n"
-              f"element face {len(tri)}\nproperty list uchar int vertex_indices\nend_header\n")
+    header = (
+        f"ply\nformat binary_little_endian 1.0\ncomment fg3d-blender face mesh, millimetres\n"
+        f"element vertex {len(v)}\nproperty float x\nproperty float y\nproperty float z\n"
+        f"element face {len(tri)}\nproperty list uchar int vertex_indices\nend_header\n"
+    )
     faces = np.empty(len(tri), dtype=[("n", "u1"), ("i", "<i4", 3)])
     faces["n"] = 3
     faces["i"] = tri
@@ -100,8 +103,13 @@ def write_glb(path: str, result) -> None:
     idx = result.triangles.astype("<u4").ravel()
     png = png_bytes(result.texture)
     chunks, views, offset = [], [], 0
-    for data, target in ((pos.tobytes(), 34962), (nrm.tobytes(), 34962), (uv.tobytes(), 34962),
-                         (idx.tobytes(), 34963), (png, None)):
+    for data, target in (
+        (pos.tobytes(), 34962),
+        (nrm.tobytes(), 34962),
+        (uv.tobytes(), 34962),
+        (idx.tobytes(), 34963),
+        (png, None),
+    ):
         view = {"buffer": 0, "byteOffset": offset, "byteLength": len(data)}
         if target:
             view["target"] = target
@@ -111,17 +119,41 @@ def write_glb(path: str, result) -> None:
         offset += len(data) + pad
     gltf = {
         "asset": {"version": "2.0", "generator": "fg3d-blender"},
-        "scene": 0, "scenes": [{"nodes": [0]}], "nodes": [{"mesh": 0, "name": "FG3D_face"}],
-        "meshes": [{"name": "FG3D_face", "primitives": [{"attributes": {"POSITION": 0, "NORMAL": 1, "TEXCOORD_0": 2},
-                                                       "indices": 3, "material": 0}]}],
-        "materials": [{"name": "face", "pbrMetallicRoughness": {"baseColorTexture": {"index": 0},
-                                                                "metallicFactor": 0.0, "roughnessFactor": 0.8}}],
-        "textures": [{"source": 0, "sampler": 0}], "samplers": [{}],
+        "scene": 0,
+        "scenes": [{"nodes": [0]}],
+        "nodes": [{"mesh": 0, "name": "FG3D_face"}],
+        "meshes": [
+            {
+                "name": "FG3D_face",
+                "primitives": [
+                    {"attributes": {"POSITION": 0, "NORMAL": 1, "TEXCOORD_0": 2}, "indices": 3, "material": 0}
+                ],
+            }
+        ],
+        "materials": [
+            {
+                "name": "face",
+                "pbrMetallicRoughness": {
+                    "baseColorTexture": {"index": 0},
+                    "metallicFactor": 0.0,
+                    "roughnessFactor": 0.8,
+                },
+            }
+        ],
+        "textures": [{"source": 0, "sampler": 0}],
+        "samplers": [{}],
         "images": [{"bufferView": 4, "mimeType": "image/png"}],
-        "buffers": [{"byteLength": offset}], "bufferViews": views,
+        "buffers": [{"byteLength": offset}],
+        "bufferViews": views,
         "accessors": [
-            {"bufferView": 0, "componentType": 5126, "count": len(pos), "type": "VEC3",
-             "min": pos.min(0).tolist(), "max": pos.max(0).tolist()},
+            {
+                "bufferView": 0,
+                "componentType": 5126,
+                "count": len(pos),
+                "type": "VEC3",
+                "min": pos.min(0).tolist(),
+                "max": pos.max(0).tolist(),
+            },
             {"bufferView": 1, "componentType": 5126, "count": len(nrm), "type": "VEC3"},
             {"bufferView": 2, "componentType": 5126, "count": len(uv), "type": "VEC2"},
             {"bufferView": 3, "componentType": 5125, "count": len(idx), "type": "SCALAR"},
@@ -140,11 +172,20 @@ def write_glb(path: str, result) -> None:
 def write_npz(path: str, result) -> None:
     with open(path, "wb") as f:
         np.savez_compressed(
-            f, vertices=result.vertices, vertices_coarse=result.vertices_coarse, triangles=result.triangles,
-            uvs=result.uvs, landmarks_2d=result.landmarks_2d, landmarks_3d=result.landmarks_3d,
+            f,
+            vertices=result.vertices,
+            vertices_coarse=result.vertices_coarse,
+            triangles=result.triangles,
+            uvs=result.uvs,
+            landmarks_2d=result.landmarks_2d,
+            landmarks_3d=result.landmarks_3d,
             pose=np.array([result.pose["yaw"], result.pose["pitch"], result.pose["roll"]], dtype=np.float32),
-            camera_A=result.camera["A"], camera_b=result.camera["b"], params=result.params,
-            image_vertices=result.image_vertices, refined=np.array(result.refined))
+            camera_A=result.camera["A"],
+            camera_b=result.camera["b"],
+            params=result.params,
+            image_vertices=result.image_vertices,
+            refined=np.array(result.refined),
+        )
 
 
 def depth_image(result) -> np.ndarray:
@@ -187,19 +228,28 @@ def preview_image(result) -> np.ndarray:
     mask = shaded[:, :, :1] > 0  # the shade is at least 0.15 · 235 on the mesh
     overlay = np.where(mask, (0.45 * photo + 0.55 * shaded).astype(np.uint8), photo)
     for x, y in (result.landmarks_2d + 0.5) * s - 0.5:
-        cv2.circle(overlay, (int(round(x)), int(round(y))), max(1, photo.shape[1] // 300), (0, 255, 0), -1,
-                   cv2.LINE_AA)
+        cv2.circle(
+            overlay,
+            (int(round(x)), int(round(y))),
+            max(1, photo.shape[1] // 300),
+            (0, 255, 0),
+            -1,
+            cv2.LINE_AA,
+        )
     return np.concatenate([photo, overlay, shaded], axis=1)
 
 
-def check_formats(formats: Iterable[str], extras: Iterable[str] = (), extra_formats: Iterable[str] = ()) -> None:
+def check_formats(
+    formats: Iterable[str], extras: Iterable[str] = (), extra_formats: Iterable[str] = ()
+) -> None:
     """Raise FG3DError for an unknown format or extra (call it before any work is done).
 
     ``extra_formats``: formats written by writers outside core (the CLI's ``blend``)."""
     formats, extras = list(formats), list(extras)
     known = FORMATS + tuple(extra_formats)
-    bad = [f for f in formats if f not in FORMATS and f not in extra_formats] + \
-        [e for e in extras if e not in EXTRAS]
+    bad = [f for f in formats if f not in FORMATS and f not in extra_formats] + [
+        e for e in extras if e not in EXTRAS
+    ]
     if bad:
         raise FG3DError(f"unknown output format {bad[0]!r} (choose from {', '.join(known)})")
     if not formats and not extras:
@@ -219,8 +269,14 @@ def check_output_dir(out_dir) -> None:
             break
 
 
-def write_outputs(result, out_dir, stem: str, formats: Iterable[str] = ("obj", "glb"),
-                  extras: Iterable[str] = EXTRAS, writers: Optional[Dict[str, Callable]] = None) -> List[Path]:
+def write_outputs(
+    result,
+    out_dir,
+    stem: str,
+    formats: Iterable[str] = ("obj", "glb"),
+    extras: Iterable[str] = EXTRAS,
+    writers: Optional[Dict[str, Callable]] = None,
+) -> List[Path]:
     """Write the chosen formats and extras atomically; returns the final paths.
 
     ``writers`` adds formats implemented outside core (``{"blend": write_blend}``): each is called as

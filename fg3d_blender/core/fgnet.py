@@ -12,6 +12,7 @@ bottom).  At the default width the state-dict names and shapes are those of the 
 checkpoint (``PRNet_PAF_Vis_Shape``), which ``load_checkpoint`` reads (``{'state_dict': …}``, keys
 prefixed ``module.``) with ``strict=True``.  Our own trained weights use a narrower width.
 """
+
 from __future__ import annotations
 
 import os
@@ -36,7 +37,10 @@ def _conv_same(c_in: int, c_out: int, k: int, stride: int = 1):
     if total % 2 == 0:
         return [nn.Conv2d(c_in, c_out, k, stride=stride, padding=total // 2, bias=False)]
     lo = total // 2
-    return [nn.ConstantPad2d((lo, lo + 1, lo, lo + 1), 0.0), nn.Conv2d(c_in, c_out, k, stride=stride, bias=False)]
+    return [
+        nn.ConstantPad2d((lo, lo + 1, lo, lo + 1), 0.0),
+        nn.Conv2d(c_in, c_out, k, stride=stride, bias=False),
+    ]
 
 
 class ResBlock(nn.Module):
@@ -44,13 +48,19 @@ class ResBlock(nn.Module):
 
     def __init__(self, c_in: int, c_out: int, stride: int):
         super().__init__()
-        self.shortcut = (nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False) if c_in != c_out
-                         else nn.Identity())
+        self.shortcut = (
+            nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False) if c_in != c_out else nn.Identity()
+        )
         mid = c_out // 2
         self.main = nn.Sequential(
-            nn.Conv2d(c_in, mid, 1, bias=False), _bn(mid), nn.ReLU(inplace=True),
-            *_conv_same(mid, mid, 4, stride), _bn(mid), nn.ReLU(inplace=True),
-            *_conv_same(mid, c_out, 1, 1))
+            nn.Conv2d(c_in, mid, 1, bias=False),
+            _bn(mid),
+            nn.ReLU(inplace=True),
+            *_conv_same(mid, mid, 4, stride),
+            _bn(mid),
+            nn.ReLU(inplace=True),
+            *_conv_same(mid, c_out, 1, 1),
+        )
         self.activate = nn.Sequential(_bn(c_out), nn.ReLU(inplace=True))
 
     def forward(self, x):
@@ -59,8 +69,12 @@ class ResBlock(nn.Module):
 
 def _tconv_same(c: int):
     """4×4 stride-1 transposed convolution that keeps the size (pad 2/1 first, then crop 3)."""
-    return [nn.ConstantPad2d((2, 1, 2, 1), 0.0), nn.ConvTranspose2d(c, c, 4, stride=1, padding=3, bias=False),
-            _bn(c), nn.ReLU(inplace=True)]
+    return [
+        nn.ConstantPad2d((2, 1, 2, 1), 0.0),
+        nn.ConvTranspose2d(c, c, 4, stride=1, padding=3, bias=False),
+        _bn(c),
+        nn.ReLU(inplace=True),
+    ]
 
 
 class UpBlock(nn.Module):
@@ -68,8 +82,11 @@ class UpBlock(nn.Module):
 
     def __init__(self, c_in: int, c_out: int, convs: int = 2):
         super().__init__()
-        layers = [nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1, bias=False), _bn(c_out),
-                  nn.ReLU(inplace=True)]
+        layers = [
+            nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1, bias=False),
+            _bn(c_out),
+            nn.ReLU(inplace=True),
+        ]
         for _ in range(convs):
             layers += _tconv_same(c_out)
         self.main = nn.Sequential(*layers)
@@ -117,7 +134,7 @@ class FGNet(nn.Module):
 
 def strip_module_prefix(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Keys of a DataParallel checkpoint (``module.x``) → plain keys (``x``)."""
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+    return {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in state.items()}
 
 
 def load_checkpoint(path: Union[str, Path], width: Optional[int] = None, paf_k: int = 3) -> FGNet:

@@ -82,15 +82,22 @@ def paf_image(image_rgb: np.ndarray, positions_xy: np.ndarray, k: int = PAF_K) -
 
 
 def visibility_map(
-    photo_shape, image_vertices: np.ndarray, facing: np.ndarray, positions: np.ndarray, fm: FaceModel,
-    size: int, px_per_mm: float,
+    photo_shape,
+    image_vertices: np.ndarray,
+    facing: np.ndarray,
+    positions: np.ndarray,
+    fm: FaceModel,
+    size: int,
+    px_per_mm: float,
 ) -> np.ndarray:
     """(S,S) float32: z-buffer-visible, camera-facing texels weighted by their facing cosine."""
     face = render.render_face(image_vertices, fm.triangles, photo_shape[0], photo_shape[1])
     r = fm.uv_raster(size)
     face_uv = render.interpolate(r, fm.triangles, facing)
     tol = render.occlusion_tolerance(px_per_mm)
-    vis = render.texel_visibility(positions - face.offset, r.mask, face.raster.depth, tol, face_uv, MIN_FACING)
+    vis = render.texel_visibility(
+        positions - face.offset, r.mask, face.raster.depth, tol, face_uv, MIN_FACING
+    )
     return np.where(vis, np.clip(face_uv, 0.0, 1.0), 0.0).astype(np.float32)
 
 

@@ -3,9 +3,11 @@
 JPEG: EXIF orientation is applied; a truncated file (or one whose data ends early) is refused, while
 data appended after the end-of-image marker (phone "motion photos") is ignored.  Other formats:
 16-bit → 8-bit, grayscale → BGR, alpha composited over white.  The C decoders' own messages (libjpeg,
-libpng print them on stderr) are captured, so a bad file gives one clear line and nothing else.  Photos up to ``MAX_PIXELS`` are accepted; detection
-works on a downscaled copy (see ``detect``) while the texture is sampled from full resolution.
+libpng print them on stderr) are captured, so a bad file gives one clear line and nothing else.
+Photos up to ``MAX_PIXELS`` are accepted; detection works on a downscaled copy (see ``detect``) while
+the texture is sampled from full resolution.
 """
+
 from __future__ import annotations
 
 import os
@@ -98,15 +100,17 @@ def _check_header_size(data: np.ndarray, path: Path) -> None:
                 continue
             marker = head[i + 1]
             if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
-                h, w = int.from_bytes(head[i + 5:i + 7], "big"), int.from_bytes(head[i + 7:i + 9], "big")
+                h, w = int.from_bytes(head[i + 5 : i + 7], "big"), int.from_bytes(head[i + 7 : i + 9], "big")
                 break
             if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
                 i += 2
                 continue
-            i += 2 + int.from_bytes(head[i + 2:i + 4], "big")
+            i += 2 + int.from_bytes(head[i + 2 : i + 4], "big")
     if w * h > MAX_PIXELS:
-        raise FG3DError(f"{path}: {w}×{h} is larger than the {MAX_PIXELS // 1_000_000} MP limit; "
-                        "downscale the photo first")
+        raise FG3DError(
+            f"{path}: {w}×{h} is larger than the {MAX_PIXELS // 1_000_000} MP limit; "
+            "downscale the photo first"
+        )
 
 
 def to_bgr8(img: np.ndarray, name: str = "image") -> np.ndarray:
@@ -115,8 +119,10 @@ def to_bgr8(img: np.ndarray, name: str = "image") -> np.ndarray:
     if img.ndim != 3 or img.shape[2] not in (1, 3, 4):
         raise FG3DError(f"{name}: unsupported image layout {img.shape}")
     if img.shape[0] < MIN_SIDE or img.shape[1] < MIN_SIDE:
-        raise FG3DError(f"{name}: {img.shape[1]}×{img.shape[0]} is too small to hold a face "
-                        f"(at least {MIN_SIDE}×{MIN_SIDE}, better 200×200)")
+        raise FG3DError(
+            f"{name}: {img.shape[1]}×{img.shape[0]} is too small to hold a face "
+            f"(at least {MIN_SIDE}×{MIN_SIDE}, better 200×200)"
+        )
     if img.shape[0] * img.shape[1] > MAX_PIXELS:
         raise FG3DError(f"{name}: larger than the {MAX_PIXELS // 1_000_000} MP limit; downscale it first")
     if img.dtype == np.uint16:

@@ -4,16 +4,28 @@ Own implementation of the architecture whose weights 3DDFA_V2 publishes (``mb05_
 3×3/2 stem and 13 depthwise-separable blocks, global average pooling, a 62-d parameter head
 (``fc_param``: 12 pose + 40 shape + 10 expression, whitened) and a 136-d landmark head (``fc_lm``).
 """
+
 from __future__ import annotations
 
 import torch
 from torch import nn
 
 # (name, in, out, stride) for width multiplier 0.5
-_BLOCKS = [("dw2_1", 16, 32, 1), ("dw2_2", 32, 64, 2), ("dw3_1", 64, 64, 1), ("dw3_2", 64, 128, 2),
-           ("dw4_1", 128, 128, 1), ("dw4_2", 128, 256, 2), ("dw5_1", 256, 256, 1), ("dw5_2", 256, 256, 1),
-           ("dw5_3", 256, 256, 1), ("dw5_4", 256, 256, 1), ("dw5_5", 256, 256, 1), ("dw5_6", 256, 512, 2),
-           ("dw6", 512, 512, 1)]
+_BLOCKS = [
+    ("dw2_1", 16, 32, 1),
+    ("dw2_2", 32, 64, 2),
+    ("dw3_1", 64, 64, 1),
+    ("dw3_2", 64, 128, 2),
+    ("dw4_1", 128, 128, 1),
+    ("dw4_2", 128, 256, 2),
+    ("dw5_1", 256, 256, 1),
+    ("dw5_2", 256, 256, 1),
+    ("dw5_3", 256, 256, 1),
+    ("dw5_4", 256, 256, 1),
+    ("dw5_5", 256, 256, 1),
+    ("dw5_6", 256, 512, 2),
+    ("dw6", 512, 512, 1),
+]
 
 
 class DepthwiseSeparable(nn.Module):
@@ -54,7 +66,7 @@ def load_regressor(path) -> MobileNetV1:
     """Load 3DDFA_V2's checkpoint (``{'state_dict': {'module.…': …}}``) safely and strictly."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     state = ckpt.get("state_dict", ckpt)
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    state = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state.items()}
     model = MobileNetV1()
     model.load_state_dict(state, strict=True)
     return model.eval()

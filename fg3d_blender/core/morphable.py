@@ -7,6 +7,7 @@ vertex to its 4 nearest on-surface grid points.  The 10 expression parameters ar
 but not applied: the only expression basis that ships with the assets (``w_exp_filter``) is an exact
 copy of the first 10 shape components, so it cannot represent expressions.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,9 +29,13 @@ CROP_SIZE = 120
 GRID_OFF_SURFACE_UM = 2000.0  # grid points farther than this from the BFM surface are padding
 GRID_K = 4
 # iBUG-68 index of each landmark's left-right mirror partner
-MIRROR_68 = np.array(list(range(16, -1, -1)) + list(range(26, 16, -1)) + [27, 28, 29, 30, 35, 34, 33, 32, 31]
-                     + [45, 44, 43, 42, 47, 46, 39, 38, 37, 36, 41, 40]
-                     + [54, 53, 52, 51, 50, 49, 48, 59, 58, 57, 56, 55, 64, 63, 62, 61, 60, 67, 66, 65])
+MIRROR_68 = np.array(
+    list(range(16, -1, -1))
+    + list(range(26, 16, -1))
+    + [27, 28, 29, 30, 35, 34, 33, 32, 31]
+    + [45, 44, 43, 42, 47, 46, 39, 38, 37, 36, 41, 40]
+    + [54, 53, 52, 51, 50, 49, 48, 59, 58, 57, 56, 55, 64, 63, 62, 61, 60, 67, 66, 65]
+)
 REFIT_PRIOR = 1.0  # weight of the regressed shape in the landmark refit (measured on AFLW2000-3D)
 
 
@@ -44,15 +49,18 @@ class FaceModel:
         self.grid_mean = paf["mu_filter"].reshape(3, -1, order="F").T.astype(np.float64)  # (4096,3) µm
         w = paf["w_filter"].astype(np.float64)  # (12288, 40)
         self.grid_basis = w.reshape(3, -1, w.shape[1], order="F").transpose(1, 0, 2)  # (4096,3,40) µm
-        u = np.load(asset_path("beyond3dmm/u_shp.npy"), allow_pickle=False) + \
-            np.load(asset_path("beyond3dmm/u_exp.npy"), allow_pickle=False)
+        u = np.load(asset_path("beyond3dmm/u_shp.npy"), allow_pickle=False) + np.load(
+            asset_path("beyond3dmm/u_exp.npy"), allow_pickle=False
+        )
         self.mean_um = u.reshape(3, -1, order="F").T.astype(np.float64)  # (53215,3)
         self.triangles = np.ascontiguousarray(
-            sio.loadmat(asset_path("beyond3dmm/tri_full.mat"))["tri_full"].T.astype(np.int32))
+            sio.loadmat(asset_path("beyond3dmm/tri_full.mat"))["tri_full"].T.astype(np.int32)
+        )
         self._orient_outward()
         self.uvs = sio.loadmat(asset_path("beyond3dmm/BFM_UV.mat"))["UV"].astype(np.float32)
-        self.keypoints = sio.loadmat(asset_path("beyond3dmm/keypoints68.mat"))["keypoints"].ravel().astype(
-            np.int64) - 1
+        self.keypoints = (
+            sio.loadmat(asset_path("beyond3dmm/keypoints68.mat"))["keypoints"].ravel().astype(np.int64) - 1
+        )
         stats = load_pickled_arrays("3ddfa_v2/param_mean_std_62d_120x120.pkl")
         self.param_mean = stats["mean"].astype(np.float32)
         self.param_std = stats["std"].astype(np.float32)
@@ -128,11 +136,11 @@ def load_face_regressor() -> MobileNetV1:
 
 @dataclass
 class Fit:
-    params: np.ndarray     # (62,) de-whitened: 12 pose (3×4 matrix), 40 shape, 10 expression (unused)
-    roi_box: np.ndarray    # (4,) crop box in image pixels of the final pass
-    vertices: np.ndarray   # (N,3) float32 identity shape, mm, BFM frame (x right, y up, z to the viewer)
-    A: np.ndarray          # (3,3) image_vertices = vertices @ A.T + b  (x col, y row, z toward camera, px)
-    b: np.ndarray          # (3,)
+    params: np.ndarray  # (62,) de-whitened: 12 pose (3×4 matrix), 40 shape, 10 expression (unused)
+    roi_box: np.ndarray  # (4,) crop box in image pixels of the final pass
+    vertices: np.ndarray  # (N,3) float32 identity shape, mm, BFM frame (x right, y up, z to the viewer)
+    A: np.ndarray  # (3,3) image_vertices = vertices @ A.T + b  (x col, y row, z toward camera, px)
+    b: np.ndarray  # (3,)
     head_landmarks: Optional[np.ndarray] = None  # (68,2) the landmark head's prediction (last pass), image px
 
     def project(self, vertices: np.ndarray) -> np.ndarray:
@@ -153,12 +161,17 @@ class Fit:
 
     @property
     def pose_degrees(self) -> dict:
-        """Degrees: yaw (+ = face turned toward the photo's right side), pitch (+ = head tilted down), roll (in-plane)."""
+        """Degrees: yaw (+ = face turned toward the photo's right side), pitch (+ = head tilted down),
+        roll (in-plane)."""
         r = self.rotation
         yaw = np.arcsin(np.clip(r[0, 2], -1, 1))
         pitch = np.arctan2(-r[1, 2], r[2, 2])
         roll = np.arctan2(-r[0, 1], r[0, 0])
-        return {"yaw": float(np.degrees(yaw)), "pitch": float(np.degrees(pitch)), "roll": float(np.degrees(roll))}
+        return {
+            "yaw": float(np.degrees(yaw)),
+            "pitch": float(np.degrees(pitch)),
+            "roll": float(np.degrees(roll)),
+        }
 
 
 def roi_from_landmarks(pts: np.ndarray) -> np.ndarray:
@@ -214,8 +227,9 @@ def decode(params: np.ndarray, roi: np.ndarray, fm: FaceModel) -> Fit:
     return Fit(params=params.astype(np.float32), roi_box=roi.astype(np.float32), vertices=verts, A=A, b=b)
 
 
-def refit_to_landmarks(fit: Fit, landmarks: np.ndarray, fm: FaceModel, prior: float = REFIT_PRIOR,
-                       iters: int = 3) -> Fit:
+def refit_to_landmarks(
+    fit: Fit, landmarks: np.ndarray, fm: FaceModel, prior: float = REFIT_PRIOR, iters: int = 3
+) -> Fit:
     """Regularised least-squares refit of the camera and the 40 shape parameters to 68 2D landmarks.
 
     Alternates (1) a scaled-orthographic camera fitted to the landmarks and (2) the shape parameters
@@ -224,7 +238,7 @@ def refit_to_landmarks(fit: Fit, landmarks: np.ndarray, fm: FaceModel, prior: fl
     landmark-head accuracy (see README).
     """
     basis = fm.basis_um[fm.keypoints].astype(np.float64) / 1000.0  # (68,3,40) mm
-    mean = fm.mean_um[fm.keypoints] / 1000.0                         # (68,3) mm
+    mean = fm.mean_um[fm.keypoints] / 1000.0  # (68,3) mm
     alpha0 = fit.params[12:52].astype(np.float64)
     alpha = alpha0.copy()
     w = prior / fm.param_std[12:52].astype(np.float64) ** 2
@@ -246,12 +260,24 @@ def refit_to_landmarks(fit: Fit, landmarks: np.ndarray, fm: FaceModel, prior: fl
     A = np.vstack([a2, row3])
     params = fit.params.copy()
     params[12:52] = alpha
-    return Fit(params=params, roi_box=fit.roi_box, vertices=fm.shape_mm(alpha.astype(np.float32)), A=A,
-               b=np.array([b2[0], b2[1], fit.b[2]]), head_landmarks=fit.head_landmarks)
+    return Fit(
+        params=params,
+        roi_box=fit.roi_box,
+        vertices=fm.shape_mm(alpha.astype(np.float32)),
+        A=A,
+        b=np.array([b2[0], b2[1], fit.b[2]]),
+        head_landmarks=fit.head_landmarks,
+    )
 
 
-def fit_3dmm(image: np.ndarray, landmarks: np.ndarray, fm: FaceModel, net: MobileNetV1, passes: int = 2,
-             refit: bool = True) -> Fit:
+def fit_3dmm(
+    image: np.ndarray,
+    landmarks: np.ndarray,
+    fm: FaceModel,
+    net: MobileNetV1,
+    passes: int = 2,
+    refit: bool = True,
+) -> Fit:
     """Regress the 3DMM from a crop around ``landmarks``; later passes re-crop from the fit's own 68.
 
     With ``refit`` the camera and shape are then refitted to the regressor's landmark head, whose

@@ -37,9 +37,11 @@ class Options:
     texture_size: int = 1024
     passes: int = 2
 
-    def check(self) -> "Options":
+    def check(self) -> Options:
         if self.texture_size not in TEXTURE_SIZES:
-            raise FG3DError(f"texture size {self.texture_size!r} is not one of {', '.join(map(str, TEXTURE_SIZES))}")
+            raise FG3DError(
+                f"texture size {self.texture_size!r} is not one of {', '.join(map(str, TEXTURE_SIZES))}"
+            )
         return self
 
 
@@ -100,15 +102,27 @@ def render_mesh(image_shape, fit: Fit, vertices: np.ndarray, fm: FaceModel) -> R
     face = render.render_face(iv, fm.triangles, image_shape[0], image_shape[1])
     normals = render.vertex_normals(vertices, fm.triangles)
     facing = (normals @ fit.rotation.T)[:, 2]
-    return Renders(face=face, image_vertices=iv, normals=normals, facing=facing,
-                   tolerance=render.occlusion_tolerance(fit.scale))
+    return Renders(
+        face=face,
+        image_vertices=iv,
+        normals=normals,
+        facing=facing,
+        tolerance=render.occlusion_tolerance(fit.scale),
+    )
 
 
 def bake_texture(image: np.ndarray, renders: Renders, fm: FaceModel, size: int) -> np.ndarray:
     """The texture stage: the photo baked into the UV layout at size×size (uint8 BGR)."""
     face = renders.face
-    tex, _ = texture.make_texture(image[face.slices], face.vertices, renders.facing, fm.uv_raster(size),
-                                  fm.triangles, face.raster.depth, renders.tolerance)
+    tex, _ = texture.make_texture(
+        image[face.slices],
+        face.vertices,
+        renders.facing,
+        fm.uv_raster(size),
+        fm.triangles,
+        face.raster.depth,
+        renders.tolerance,
+    )
     return tex
 
 
@@ -167,15 +181,21 @@ class Reconstructor:
         return self.detector.faces(image, use_cnn)
 
     def fit(self, image: np.ndarray, landmarks: np.ndarray, passes: int = 2, refit: bool = True) -> Fit:
-        return morphable.fit_3dmm(image, landmarks, self.face_model, self.regressor, passes=passes, refit=refit)
+        return morphable.fit_3dmm(
+            image, landmarks, self.face_model, self.regressor, passes=passes, refit=refit
+        )
 
     def refined_shape(self, image: np.ndarray, fit: Fit) -> Tuple[np.ndarray, bool]:
         """The FGNet stage: (refined vertices, True), or (the fit's vertices, False) without weights."""
         refiner = self.refiner
         return (fit.vertices, False) if refiner is None else (refiner.refine(image, fit), True)
 
-    def reconstruct(self, photo: Union[str, os.PathLike, np.ndarray], options: Options = Options(),
-                    progress: Optional[ProgressFn] = None) -> Result:
+    def reconstruct(
+        self,
+        photo: Union[str, os.PathLike, np.ndarray],
+        options: Options = Options(),
+        progress: Optional[ProgressFn] = None,
+    ) -> Result:
         """Reconstruct one face of a photo.  Raises FG3DError on bad input."""
         opts = options.check()
         t: Dict[str, float] = {}
@@ -208,12 +228,29 @@ class Reconstructor:
         kp = fm.keypoints
         iv = r.image_vertices
         return Result(
-            vertices=vertices, vertices_coarse=fit.vertices, triangles=fm.triangles, uvs=fm.uvs, texture=tex,
-            landmarks_2d=iv[kp, :2].copy(), landmarks_3d=vertices[kp].copy(), pose=fit.pose_degrees,
+            vertices=vertices,
+            vertices_coarse=fit.vertices,
+            triangles=fm.triangles,
+            uvs=fm.uvs,
+            texture=tex,
+            landmarks_2d=iv[kp, :2].copy(),
+            landmarks_3d=vertices[kp].copy(),
+            pose=fit.pose_degrees,
             camera={"A": fit.A, "b": fit.b, "rotation": fit.rotation, "scale": fit.scale},
-            image_vertices=iv, depth=depth, pncc=pncc, mask=mask, vertex_visible=visible, normals=r.normals,
-            image=image, face_box=face.box, detected_landmarks=face.landmarks, params=fit.params,
-            refined=refined, source=name, timings=t)
+            image_vertices=iv,
+            depth=depth,
+            pncc=pncc,
+            mask=mask,
+            vertex_visible=visible,
+            normals=r.normals,
+            image=image,
+            face_box=face.box,
+            detected_landmarks=face.landmarks,
+            params=fit.params,
+            refined=refined,
+            source=name,
+            timings=t,
+        )
 
 
 def _silent(stage: str, fraction: float) -> None:
@@ -234,9 +271,14 @@ def default_reconstructor() -> Reconstructor:
         return _default
 
 
-def reconstruct(photo: Union[str, os.PathLike, np.ndarray], face_index: Optional[int] = None,
-                refine: bool = True, texture_size: int = 1024, passes: int = 2,
-                progress: Optional[ProgressFn] = None) -> Result:
+def reconstruct(
+    photo: Union[str, os.PathLike, np.ndarray],
+    face_index: Optional[int] = None,
+    refine: bool = True,
+    texture_size: int = 1024,
+    passes: int = 2,
+    progress: Optional[ProgressFn] = None,
+) -> Result:
     """Reconstruct the (largest, or ``face_index``-th) face of a photo.  Raises FG3DError on bad input."""
     opts = Options(face_index=face_index, refine=refine, texture_size=texture_size, passes=passes)
     return default_reconstructor().reconstruct(photo, opts, progress)

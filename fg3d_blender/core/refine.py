@@ -25,13 +25,19 @@ from .morphable import FaceModel, Fit
 class FGNetRefiner:
     """A network, the face model it works on and the FGNet input settings (UV size, shape range)."""
 
-    def __init__(self, net: FGNet, fm: FaceModel, uv_size: int, info: Optional[dict] = None,
-                 shape_range: Optional[Tuple[float, float]] = None):
+    def __init__(
+        self,
+        net: FGNet,
+        fm: FaceModel,
+        uv_size: int,
+        info: Optional[dict] = None,
+        shape_range: Optional[Tuple[float, float]] = None,
+    ):
         self.net, self.fm, self.uv_size, self.info = net.eval(), fm, int(uv_size), info or {}
         self.shape_range = shape_range or load_shape_range()
 
     @classmethod
-    def load(cls, fm: FaceModel) -> Optional["FGNetRefiner"]:
+    def load(cls, fm: FaceModel) -> Optional[FGNetRefiner]:
         """The bundled weights (sha256-checked), or None when none are installed."""
         entry = bundled("fgnet")
         if entry is None:

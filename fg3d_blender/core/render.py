@@ -4,9 +4,10 @@ Image-space renders take vertices in pixel coordinates (x col, y row, z toward c
 renders interpolate per-vertex attributes into a raster of the UV layout (``uv_raster``; the face model
 keeps one per size); ``from_uv`` reads a UV map back at each vertex.  ``render_face`` rasterizes a
 posed face only in the window it covers, so a small face in a huge photo costs what a small photo
-does; the pipeline, the FGNet inputs and the previews all render through it.  Texel (r, c) of a size-S map covers
-u = (c + 0.5) / S, v = 1 − (r + 0.5) / S, the OpenGL/OBJ convention.
+does; the pipeline, the FGNet inputs and the previews all render through it.  Texel (r, c) of a size-S
+map covers u = (c + 0.5) / S, v = 1 − (r + 0.5) / S, the OpenGL/OBJ convention.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,9 +29,9 @@ def _i32(a):
 
 @dataclass
 class Raster:
-    depth: np.ndarray   # (h,w) float32, -inf where empty
+    depth: np.ndarray  # (h,w) float32, -inf where empty
     tri_id: np.ndarray  # (h,w) int32, -1 where empty
-    bary: np.ndarray    # (h,w,3) float32
+    bary: np.ndarray  # (h,w,3) float32
 
     @property
     def mask(self) -> np.ndarray:
@@ -132,16 +133,29 @@ def render_face(image_vertices: np.ndarray, triangles: np.ndarray, height: int, 
     return FaceRender(raster=ras, window=(x0, y0, x1, y1), shape=(int(height), int(width)), vertices=local)
 
 
-def texel_visibility(pos: np.ndarray, layout: np.ndarray, zbuffer: np.ndarray, tolerance: float,
-                     facing: np.ndarray, min_facing: float) -> np.ndarray:
+def texel_visibility(
+    pos: np.ndarray,
+    layout: np.ndarray,
+    zbuffer: np.ndarray,
+    tolerance: float,
+    facing: np.ndarray,
+    min_facing: float,
+) -> np.ndarray:
     """Texels inside ``layout`` whose position ``pos`` (S,S,3; zbuffer pixels) passes the z-buffer test
     within ``tolerance`` px and whose facing cosine exceeds ``min_facing``."""
-    zb = cv2.remap(zbuffer, np.ascontiguousarray(pos[:, :, 0]), np.ascontiguousarray(pos[:, :, 1]),
-                   cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=np.inf)
+    zb = cv2.remap(
+        zbuffer,
+        np.ascontiguousarray(pos[:, :, 0]),
+        np.ascontiguousarray(pos[:, :, 1]),
+        cv2.INTER_NEAREST,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=np.inf,
+    )
     return layout & (facing > min_facing) & (pos[:, :, 2] >= zb - tolerance)
 
 
 # ---- UV space -------------------------------------------------------------------------------------
+
 
 def uv_pixel_coords(uvs: np.ndarray, size: int) -> np.ndarray:
     """UV (N,2) in [0,1] → (N,3) texel coordinates (x, y, 0) of a size×size map."""

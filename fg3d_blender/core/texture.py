@@ -5,6 +5,7 @@ Texels whose surface point is hidden (z-buffer test) take the colour of their le
 angle blend the photo into that fill; what is still empty, and the
 area outside the layout, is filled by push–pull (masked pyramid averaging), which leaves no seams.
 """
+
 from __future__ import annotations
 
 import cv2
@@ -49,8 +50,15 @@ def push_pull_fill(img: np.ndarray, known: np.ndarray) -> np.ndarray:
     return cv2.copyTo(img, known.astype(np.uint8), out)
 
 
-def make_texture(image: np.ndarray, image_vertices: np.ndarray, view_normal_z: np.ndarray, uv_raster: Raster,
-                 triangles: np.ndarray, zbuffer: np.ndarray, tolerance: float = 2.0):
+def make_texture(
+    image: np.ndarray,
+    image_vertices: np.ndarray,
+    view_normal_z: np.ndarray,
+    uv_raster: Raster,
+    triangles: np.ndarray,
+    zbuffer: np.ndarray,
+    tolerance: float = 2.0,
+):
     """UV texture (S,S,3) uint8 BGR and the photo's weight per texel (S,S) float32 in [0,1], S the size
     of ``uv_raster`` (the face model's UV layout).
 
@@ -65,8 +73,13 @@ def make_texture(image: np.ndarray, image_vertices: np.ndarray, view_normal_z: n
     pos, layout, facing = interp[:, :, :3], r.mask, interp[:, :, 3]
     vis = texel_visibility(pos, layout, zbuffer, tolerance, facing, MIN_FACING)
     weight = np.where(vis, np.clip((facing - MIN_FACING) / FACING_RAMP, 0.0, 1.0), 0.0).astype(np.float32)
-    photo = cv2.remap(image, np.ascontiguousarray(pos[:, :, 0]), np.ascontiguousarray(pos[:, :, 1]),
-                      cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    photo = cv2.remap(
+        image,
+        np.ascontiguousarray(pos[:, :, 0]),
+        np.ascontiguousarray(pos[:, :, 1]),
+        cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_REPLICATE,
+    )
     solid = weight >= 1.0
     use_mirror = layout & ~solid & solid[:, ::-1]
     fill = cv2.copyTo(np.ascontiguousarray(photo[:, ::-1]), use_mirror.astype(np.uint8), photo.copy())

@@ -8,13 +8,15 @@ bpy), ``build`` (Result → Blender data), ``ops`` (operators), ``ui`` (sidebar 
 
 def _classes():
     from . import ops, prefs, ui  # they import bpy: only inside Blender, at registration
+
     return (*prefs.CLASSES, *ui.CLASSES, *ops.CLASSES)
 
 
 def register():
     import bpy  # inside Blender only
 
-    from . import ui
+    from . import ui  # imports bpy
+
     for cls in _classes():
         bpy.utils.register_class(cls)
     ui.register_props()
@@ -23,7 +25,8 @@ def register():
 def unregister():
     import bpy  # inside Blender only
 
-    from . import ui
+    from . import ui  # imports bpy
+
     ui.unregister_props()
     for cls in reversed(_classes()):
         try:

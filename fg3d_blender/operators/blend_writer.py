@@ -5,6 +5,7 @@ fresh empty scene with the face object, its material and packed images, and the 
 command line passes a temporary name from ``export.AtomicWriter``, which renames the file only when all
 outputs of the photo are complete.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,8 +18,10 @@ def require_bpy():
     try:
         import bpy  # optional: the bpy module or Blender itself; the CLI runs without it
     except ImportError:
-        raise FG3DError("--format blend needs Blender's Python module: pip install bpy==5.0.1 "
-                        "(Python 3.11), or run inside Blender") from None
+        raise FG3DError(
+            "--format blend needs Blender's Python module: pip install bpy==5.0.1 "
+            "(Python 3.11), or run inside Blender"
+        ) from None
     return bpy
 
 
@@ -29,8 +32,13 @@ def write_blend(path: str, result, add_camera: bool = True, add_images: bool = T
 
     bpy.ops.wm.read_homefile(use_empty=True, use_factory_startup=True)
     scene = bpy.context.scene
-    add_result(result, scene, scene.collection, bpy.context.view_layer,
-               BuildOptions(add_camera=add_camera, add_images=add_images))
+    add_result(
+        result,
+        scene,
+        scene.collection,
+        bpy.context.view_layer,
+        BuildOptions(add_camera=add_camera, add_images=add_images),
+    )
     if os.path.exists(path):  # the empty placeholder of mkstemp; Blender would keep it as "<name>1"
         os.unlink(path)
     bpy.ops.wm.save_as_mainfile(filepath=str(path), copy=True, compress=True, check_existing=False)

@@ -8,6 +8,7 @@ Frames: the pipeline works in millimetres in the canonical BFM frame (x right, y
 viewer).  Blender gets metres with Z up and the face looking toward -Y, so the Front view (numpad 1)
 looks straight at it: ``(X, Y, Z) = (x, -z, y) / 1000``.
 """
+
 from __future__ import annotations
 
 import os
@@ -34,9 +35,9 @@ KEY_BASIS, KEY_FGNET = "Basis", "FGNet"
 
 @dataclass
 class BuildOptions:
-    add_images: bool = True       # depth + PNCC as packed images
-    add_camera: bool = True       # orthographic camera matching the photo, photo as background
-    name: Optional[str] = None    # base name; default "FG3D_<photo stem>"
+    add_images: bool = True  # depth + PNCC as packed images
+    add_camera: bool = True  # orthographic camera matching the photo, photo as background
+    name: Optional[str] = None  # base name; default "FG3D_<photo stem>"
 
 
 @dataclass
@@ -58,11 +59,11 @@ def _packed_image(name: str, img_bgr: np.ndarray, created: list, non_color: bool
     im = bpy.data.images.new(name, w, h)
     created.append(im)
     im.pack(data=data, data_len=len(data))
-    im.source = 'FILE'
+    im.source = "FILE"
     im.filepath_raw = f"//{im.name}.png"
     if non_color and im.colorspace_settings is not None:
         try:
-            setattr(im.colorspace_settings, "name", "Non-Color")  # the stubs type this enum too narrowly
+            setattr(im.colorspace_settings, "name", "Non-Color")  # noqa: B010 - the stubs type this enum too narrowly
         except TypeError:  # a colour-management config without that name
             pass
     return im
@@ -100,8 +101,8 @@ def _material(name: str, texture_img, created: list):
     if tree is None:
         raise RuntimeError("Blender did not give the new material a node tree")
     nodes, links = tree.nodes, tree.links
-    bsdf = next((n for n in nodes if n.type == 'BSDF_PRINCIPLED'), None)
-    out = next((n for n in nodes if n.type == 'OUTPUT_MATERIAL'), None)
+    bsdf = next((n for n in nodes if n.type == "BSDF_PRINCIPLED"), None)
+    out = next((n for n in nodes if n.type == "OUTPUT_MATERIAL"), None)
     if bsdf is None:
         bsdf = nodes.new("ShaderNodeBsdfPrincipled")
     if out is None:
@@ -139,12 +140,13 @@ def _camera_pose(result, centre_mm: np.ndarray) -> Tuple[np.ndarray, np.ndarray,
     return loc, rot, max(w, h) / s * MM
 
 
-def _camera(name: str, result, centre_mm: np.ndarray, location: Any, photo_img, scene, collection,
-            created: list):
+def _camera(
+    name: str, result, centre_mm: np.ndarray, location: Any, photo_img, scene, collection, created: list
+):
     loc, rot, ortho = _camera_pose(result, centre_mm)
     cam = bpy.data.cameras.new(name)
     created.append(cam)
-    cam.type = 'ORTHO'
+    cam.type = "ORTHO"
     cam.ortho_scale = ortho
     cam.clip_start = 0.01
     cam.clip_end = 2.0 * CAMERA_DISTANCE_MM * MM
@@ -152,8 +154,8 @@ def _camera(name: str, result, centre_mm: np.ndarray, location: Any, photo_img, 
     bg = cam.background_images.new()
     bg.image = photo_img
     bg.alpha = 1.0
-    bg.frame_method = 'FIT'
-    bg.display_depth = 'BACK'
+    bg.frame_method = "FIT"
+    bg.display_depth = "BACK"
     ob = bpy.data.objects.new(name, cam)
     created.append(ob)
     m = Matrix([list(r) for r in rot]).to_4x4()
@@ -181,8 +183,14 @@ def _restore(created: list) -> None:
             pass
 
 
-def add_result(result, scene, collection, view_layer=None, options: Optional[BuildOptions] = None,
-               location=(0.0, 0.0, 0.0)) -> Built:
+def add_result(
+    result,
+    scene,
+    collection,
+    view_layer=None,
+    options: Optional[BuildOptions] = None,
+    location=(0.0, 0.0, 0.0),
+) -> Built:
     """Add the reconstruction to ``collection`` of ``scene``; returns the new objects.
 
     On any failure every datablock made here is removed and scene settings are restored before the
@@ -193,8 +201,13 @@ def add_result(result, scene, collection, view_layer=None, options: Optional[Bui
     base = opts.name or f"FG3D_{stem}"
     created: list = []
     render = scene.render
-    saved = (render.resolution_x, render.resolution_y, render.pixel_aspect_x, render.pixel_aspect_y,
-             scene.camera)
+    saved = (
+        render.resolution_x,
+        render.resolution_y,
+        render.pixel_aspect_x,
+        render.pixel_aspect_y,
+        scene.camera,
+    )
     try:
         coarse = np.asarray(result.vertices_coarse, np.float64)
         refined = np.asarray(result.vertices, np.float64)
@@ -212,7 +225,7 @@ def add_result(result, scene, collection, view_layer=None, options: Optional[Bui
         ob.location = Vector(tuple(location))
         collection.objects.link(ob)
         basis = ob.shape_key_add(name=KEY_BASIS, from_mix=False)
-        basis.interpolation = 'KEY_LINEAR'
+        basis.interpolation = "KEY_LINEAR"
         key = ob.shape_key_add(name=KEY_FGNET, from_mix=False)
         key.data.foreach_set("co", v_refined.ravel())
         key.slider_min, key.slider_max, key.value = 0.0, 1.0, 1.0
@@ -237,8 +250,9 @@ def add_result(result, scene, collection, view_layer=None, options: Optional[Bui
             ob[PROP_DEPTH], ob[PROP_PNCC] = depth, pncc  # ID properties keep them in the saved file
             built.images += [depth, pncc]
         if opts.add_camera:
-            built.camera = _camera(f"{base}_camera", result, centre, ob.location, photo, scene, collection,
-                                   created)
+            built.camera = _camera(
+                f"{base}_camera", result, centre, ob.location, photo, scene, collection, created
+            )
             h, w = result.image.shape[:2]
             render.resolution_x, render.resolution_y = int(w), int(h)
             render.pixel_aspect_x = render.pixel_aspect_y = 1.0
@@ -254,6 +268,11 @@ def add_result(result, scene, collection, view_layer=None, options: Optional[Bui
         return built
     except BaseException:
         _restore(created)
-        (render.resolution_x, render.resolution_y, render.pixel_aspect_x, render.pixel_aspect_y,
-         scene.camera) = saved
+        (
+            render.resolution_x,
+            render.resolution_y,
+            render.pixel_aspect_x,
+            render.pixel_aspect_y,
+            scene.camera,
+        ) = saved
         raise

@@ -4,6 +4,7 @@ The worker reports ``(stage, fraction)`` through a queue that the operator's mod
 main thread; the result (or the one-line error) arrives on the same queue.  A thread cannot be killed,
 so cancelling only marks the job: the computation runs to its end and its result is then dropped.
 """
+
 from __future__ import annotations
 
 import os
@@ -15,8 +16,12 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from ..core.errors import FG3DError
 
 STAGE_LABELS = {
-    "load": "Loading the photo", "detect": "Finding the face", "3dmm": "Fitting the 3D face model",
-    "refine": "FGNet refinement", "render": "Rendering depth and PNCC", "texture": "Baking the texture",
+    "load": "Loading the photo",
+    "detect": "Finding the face",
+    "3dmm": "Fitting the 3D face model",
+    "refine": "FGNet refinement",
+    "render": "Rendering depth and PNCC",
+    "texture": "Baking the texture",
     "done": "Building the mesh",
 }
 
@@ -24,11 +29,12 @@ STAGE_LABELS = {
 @dataclass
 class Settings:
     """What the user chose (operator properties + preferences), plain values only."""
+
     filepath: str
     refine: bool = True
     face_index: int = 0
     texture_size: int = 1024
-    threads: int = 0                       # 0 = leave torch's default
+    threads: int = 0  # 0 = leave torch's default
     env: Dict[str, str] = field(default_factory=dict)  # FG3D_CACHE_DIR / FG3D_ASSET_MIRROR from prefs
 
 
@@ -48,8 +54,13 @@ def run_pipeline(settings: Settings, progress: Optional[Callable[[str, float], N
     from ..core.pipeline import reconstruct  # imports torch: loaded when a run starts, not at enable time
 
     apply_environment(settings)
-    return reconstruct(settings.filepath, face_index=settings.face_index, refine=settings.refine,
-                       texture_size=settings.texture_size, progress=progress)
+    return reconstruct(
+        settings.filepath,
+        face_index=settings.face_index,
+        refine=settings.refine,
+        texture_size=settings.texture_size,
+        progress=progress,
+    )
 
 
 def error_line(exc: BaseException) -> str:
@@ -64,7 +75,7 @@ class Job:
 
     def __init__(self, settings: Settings, target: Optional[Callable[..., Any]] = None):
         self.settings = settings
-        self.events: "queue.Queue[Tuple[str, Any]]" = queue.Queue()
+        self.events: queue.Queue[Tuple[str, Any]] = queue.Queue()
         self.cancelled = threading.Event()
         self.result: Any = None
         self.error: Optional[str] = None
@@ -73,7 +84,7 @@ class Job:
         self._target = target or run_pipeline
         self._thread = threading.Thread(target=self._work, name="fg3d-reconstruct", daemon=True)
 
-    def start(self) -> "Job":
+    def start(self) -> Job:
         self._thread.start()
         return self
 

@@ -6,6 +6,7 @@ cancels (the thread cannot be killed, its result is discarded when it arrives), 
 into Blender data on the main thread.  In background mode (``bpy.app.background``), without a window,
 or with ``synchronous=True`` the same code runs synchronously.
 """
+
 from __future__ import annotations
 
 import sys
@@ -22,12 +23,13 @@ from .job import STAGE_LABELS, Job, Settings, apply_environment, error_line, run
 PHOTO_GLOB = "*.jpg;*.jpeg;*.png;*.bmp;*.tif;*.tiff;*.webp"
 TEXTURE_SIZES = [(s, s, f"{s}×{s} pixel texture") for s in ("256", "512", "1024", "2048")]
 
+
 def _redraw(context) -> None:
     screen = getattr(context, "screen", None)
     if screen is None:
         return
     for area in screen.areas:
-        if area.type in {'VIEW_3D', 'PREFERENCES'}:
+        if area.type in {"VIEW_3D", "PREFERENCES"}:
             area.tag_redraw()
 
 
@@ -40,8 +42,8 @@ class _ModalJob:
 
     def _start_modal(self, context, job: Job):
         if self.kind in running:
-            self.report({'ERROR'}, "FG3D is already busy with this; wait for it or press Esc")  # type: ignore[attr-defined]
-            return {'CANCELLED'}
+            self.report({"ERROR"}, "FG3D is already busy with this; wait for it or press Esc")  # type: ignore[attr-defined]
+            return {"CANCELLED"}
         self._job = job.start()
         running[self.kind] = job
         wm = context.window_manager
@@ -49,7 +51,7 @@ class _ModalJob:
         wm.progress_begin(0, 100)
         wm.modal_handler_add(self)
         self._status(context, job.label)
-        return {'RUNNING_MODAL'}
+        return {"RUNNING_MODAL"}
 
     def _status(self, context, text: Optional[str]) -> None:
         ws = getattr(context, "workspace", None)
@@ -69,23 +71,26 @@ class _ModalJob:
     def modal(self, context, event):
         job = self._job
         assert job is not None
-        if event.type == 'ESC' and event.value == 'PRESS':
+        if event.type == "ESC" and event.value == "PRESS":
             job.cancel()
             self._stop(context)
-            self.report({'WARNING'}, "FG3D: cancelled; the computation already running "  # type: ignore[attr-defined]
-                        "finishes in the background and its result is discarded")
-            return {'CANCELLED'}
-        if event.type != 'TIMER':
-            return {'PASS_THROUGH'}
+            self.report(
+                {"WARNING"},
+                "FG3D: cancelled; the computation already running "  # type: ignore[attr-defined]
+                "finishes in the background and its result is discarded",
+            )
+            return {"CANCELLED"}
+        if event.type != "TIMER":
+            return {"PASS_THROUGH"}
         job.poll()
         context.window_manager.progress_update(int(job.fraction * 100))
         self._status(context, job.label)
         if not job.finished:
-            return {'PASS_THROUGH'}
+            return {"PASS_THROUGH"}
         self._stop(context)
         if job.error is not None:
-            self.report({'ERROR'}, job.error)  # type: ignore[attr-defined]
-            return {'CANCELLED'}
+            self.report({"ERROR"}, job.error)  # type: ignore[attr-defined]
+            return {"CANCELLED"}
         return self._apply(context, job.result)
 
     def cancel(self, context):  # Blender calls this when the window closes mid-run
@@ -102,77 +107,106 @@ def _interactive(context, synchronous: bool) -> bool:
 
 
 def _print_progress(stage: str, fraction: float) -> None:
-    print(f"FG3D: {STAGE_LABELS.get(stage, stage)} {int(round(fraction * 100))}%", file=sys.stderr, flush=True)
+    print(
+        f"FG3D: {STAGE_LABELS.get(stage, stage)} {int(round(fraction * 100))}%", file=sys.stderr, flush=True
+    )
 
 
 class FG3D_OT_reconstruct(_ModalJob, bpy.types.Operator):
     """Reconstruct a textured, editable 3D face from one photo"""
+
     bl_idname = "fg3d.reconstruct"
     bl_label = "Reconstruct Face"
-    bl_options = {'REGISTER', 'UNDO'}
+    bl_options = {"REGISTER", "UNDO"}
     kind = "reconstruct"
 
-    filepath: StringProperty(name="Photo", subtype='FILE_PATH', default="")  # type: ignore[valid-type]
-    filter_glob: StringProperty(default=PHOTO_GLOB, options={'HIDDEN'})  # type: ignore[valid-type]
+    filepath: StringProperty(name="Photo", subtype="FILE_PATH", default="")  # type: ignore[valid-type]
+    filter_glob: StringProperty(default=PHOTO_GLOB, options={"HIDDEN"})  # type: ignore[valid-type]
     refine: BoolProperty(  # type: ignore[valid-type]
-        name="FGNet refinement", default=True,
-        description="Refine the 3DMM shape with FGNet (off: coarse 3DMM only)")
+        name="FGNet refinement",
+        default=True,
+        description="Refine the 3DMM shape with FGNet (off: coarse 3DMM only)",
+    )
     face_index: IntProperty(  # type: ignore[valid-type]
-        name="Face", default=0, min=0, max=99,
-        description="Which face when the photo shows several (0 = the largest)")
+        name="Face",
+        default=0,
+        min=0,
+        max=99,
+        description="Which face when the photo shows several (0 = the largest)",
+    )
     texture_size: EnumProperty(  # type: ignore[valid-type]
-        name="Texture size", items=TEXTURE_SIZES, default="1024")
+        name="Texture size", items=TEXTURE_SIZES, default="1024"
+    )
     add_images: BoolProperty(  # type: ignore[valid-type]
-        name="Depth and PNCC images", default=True,
-        description="Also add the depth map and the PNCC image as packed images")
+        name="Depth and PNCC images",
+        default=True,
+        description="Also add the depth map and the PNCC image as packed images",
+    )
     add_camera: BoolProperty(  # type: ignore[valid-type]
-        name="Camera matching the photo", default=False,
-        description="Add an orthographic camera that sees the face as in the photo, photo as background")
+        name="Camera matching the photo",
+        default=False,
+        description="Add an orthographic camera that sees the face as in the photo, photo as background",
+    )
     synchronous: BoolProperty(  # type: ignore[valid-type]
-        name="Synchronous", default=False, options={'HIDDEN', 'SKIP_SAVE'},
-        description="Block until done, even with a window (for scripts)")
+        name="Synchronous",
+        default=False,
+        options={"HIDDEN", "SKIP_SAVE"},
+        description="Block until done, even with a window (for scripts)",
+    )
 
     def _settings(self, context) -> Settings:
-        return Settings(filepath=bpy.path.abspath(self.filepath), refine=self.refine,
-                        face_index=self.face_index, texture_size=int(self.texture_size),
-                        threads=prefs.threads(context), env=prefs.environment(context))
+        return Settings(
+            filepath=bpy.path.abspath(self.filepath),
+            refine=self.refine,
+            face_index=self.face_index,
+            texture_size=int(self.texture_size),
+            threads=prefs.threads(context),
+            env=prefs.environment(context),
+        )
 
     def invoke(self, context, event):
         if not self.filepath and _interactive(context, self.synchronous):
             context.window_manager.fileselect_add(self)
-            return {'RUNNING_MODAL'}
+            return {"RUNNING_MODAL"}
         return self.execute(context)
 
     def execute(self, context):
         if not self.filepath:
-            self.report({'ERROR'}, "FG3D: choose a photo first")
-            return {'CANCELLED'}
+            self.report({"ERROR"}, "FG3D: choose a photo first")
+            return {"CANCELLED"}
         settings = self._settings(context)
         if _interactive(context, self.synchronous):
             return self._start_modal(context, Job(settings))
         try:
             result = run_pipeline(settings, progress=_print_progress if bpy.app.background else None)
         except Exception as exc:  # noqa: BLE001 - one line for the user, no traceback
-            self.report({'ERROR'}, error_line(exc))
-            return {'CANCELLED'}
+            self.report({"ERROR"}, error_line(exc))
+            return {"CANCELLED"}
         return self._apply(context, result)
 
     def _apply(self, context, result):
         if result is None:
-            return {'CANCELLED'}
+            return {"CANCELLED"}
         try:
-            built = add_result(result, context.scene, context.collection or context.scene.collection,
-                               context.view_layer,
-                               BuildOptions(add_images=self.add_images, add_camera=self.add_camera),
-                               location=tuple(context.scene.cursor.location))
+            built = add_result(
+                result,
+                context.scene,
+                context.collection or context.scene.collection,
+                context.view_layer,
+                BuildOptions(add_images=self.add_images, add_camera=self.add_camera),
+                location=tuple(context.scene.cursor.location),
+            )
         except Exception as exc:  # noqa: BLE001 - add_result already removed what it had added
-            self.report({'ERROR'}, f"FG3D: could not build the Blender object: {error_line(exc)}")
-            return {'CANCELLED'}
+            self.report({"ERROR"}, f"FG3D: could not build the Blender object: {error_line(exc)}")
+            return {"CANCELLED"}
         pose = result.pose
-        self.report({'INFO'}, f"FG3D: added {built.obj.name} ({len(result.vertices)} vertices, "
-                              f"yaw {pose['yaw']:+.0f}°, pitch {pose['pitch']:+.0f}°, "
-                              f"{'refined' if result.refined else 'coarse 3DMM'})")
-        return {'FINISHED'}
+        self.report(
+            {"INFO"},
+            f"FG3D: added {built.obj.name} ({len(result.vertices)} vertices, "
+            f"yaw {pose['yaw']:+.0f}°, pitch {pose['pitch']:+.0f}°, "
+            f"{'refined' if result.refined else 'coarse 3DMM'})",
+        )
+        return {"FINISHED"}
 
 
 def _fetch(settings: Settings, progress=None):
@@ -190,12 +224,13 @@ def _fetch(settings: Settings, progress=None):
 
 class FG3D_OT_fetch_assets(_ModalJob, bpy.types.Operator):
     """Download (or copy from the mirror folder) the model files the reconstruction needs"""
+
     bl_idname = "fg3d.fetch_assets"
     bl_label = "Fetch Assets"
-    bl_options = {'REGISTER'}
+    bl_options = {"REGISTER"}
     kind = "fetch"
 
-    synchronous: BoolProperty(default=False, options={'HIDDEN', 'SKIP_SAVE'})  # type: ignore[valid-type]
+    synchronous: BoolProperty(default=False, options={"HIDDEN", "SKIP_SAVE"})  # type: ignore[valid-type]
 
     def execute(self, context):
         settings = Settings(filepath="", threads=0, env=prefs.environment(context))
@@ -204,13 +239,13 @@ class FG3D_OT_fetch_assets(_ModalJob, bpy.types.Operator):
         try:
             n = _fetch(settings)
         except Exception as exc:  # noqa: BLE001
-            self.report({'ERROR'}, error_line(exc))
-            return {'CANCELLED'}
+            self.report({"ERROR"}, error_line(exc))
+            return {"CANCELLED"}
         return self._apply(context, n)
 
     def _apply(self, context, result):
-        self.report({'INFO'}, f"FG3D: assets ready in {cache_dir()} ({result or 0} fetched now)")
-        return {'FINISHED'}
+        self.report({"INFO"}, f"FG3D: assets ready in {cache_dir()} ({result or 0} fetched now)")
+        return {"FINISHED"}
 
 
 CLASSES = (FG3D_OT_reconstruct, FG3D_OT_fetch_assets)

@@ -1,4 +1,5 @@
 """Add-on preferences: asset cache folder, mirror folder, threads, "Fetch assets", licence notes."""
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional
@@ -18,15 +19,25 @@ class FG3D_AddonPreferences(bpy.types.AddonPreferences):
     bl_idname = ADDON_ID
 
     cache_dir: StringProperty(  # type: ignore[valid-type]
-        name="Asset cache folder", subtype='DIR_PATH', default="",
-        description="Where the model files are kept (empty: $FG3D_CACHE_DIR or ~/.cache/fg3d_blender)")
+        name="Asset cache folder",
+        subtype="DIR_PATH",
+        default="",
+        description="Where the model files are kept (empty: $FG3D_CACHE_DIR or ~/.cache/fg3d_blender)",
+    )
     mirror_dir: StringProperty(  # type: ignore[valid-type]
-        name="Mirror folder", subtype='DIR_PATH', default="",
+        name="Mirror folder",
+        subtype="DIR_PATH",
+        default="",
         description="A folder that already holds the model files (same layout); they are copied from "
-                    "there instead of downloaded (empty: $FG3D_ASSET_MIRROR or the upstream URLs)")
+        "there instead of downloaded (empty: $FG3D_ASSET_MIRROR or the upstream URLs)",
+    )
     threads: IntProperty(  # type: ignore[valid-type]
-        name="Threads", default=0, min=0, max=256,
-        description="CPU threads for the neural network (0 = automatic)")
+        name="Threads",
+        default=0,
+        min=0,
+        max=256,
+        description="CPU threads for the neural network (0 = automatic)",
+    )
 
     def draw(self, context):
         draw_preferences(self.layout, self)
@@ -38,12 +49,12 @@ def draw_preferences(layout, prefs) -> None:
     col.prop(prefs, "mirror_dir")
     col.prop(prefs, "threads")
     row = layout.row()
-    row.operator("fg3d.fetch_assets", icon='IMPORT')
+    row.operator("fg3d.fetch_assets", icon="IMPORT")
     label = running_label("fetch")
     if label:
         row.label(text=label)
     box = layout.box()
-    box.label(text="Licences", icon='INFO')
+    box.label(text="Licences", icon="INFO")
     for line in licence_lines():
         box.label(text=line)
 
@@ -74,8 +85,7 @@ def threads(context=None) -> int:
 
 
 def licence_lines() -> List[str]:
-    lines = ["Add-on code: BSD-2-Clause.",
-             "Model files are third-party, fetched separately, never bundled:"]
+    lines = ["Add-on code: BSD-2-Clause.", "Model files are third-party, fetched separately, never bundled:"]
     try:
         seen: Dict[str, str] = {}
         for rel, entry in manifest().items():

@@ -1,4 +1,5 @@
 """The 3D Viewport sidebar tab "FG3D": photo picker with a preview, options, Reconstruct."""
+
 from __future__ import annotations
 
 import os
@@ -6,7 +7,6 @@ from typing import Any, Optional
 
 import bpy
 from bpy.props import BoolProperty, EnumProperty, IntProperty, PointerProperty, StringProperty
-
 from bpy.utils import previews
 
 from .job import running_label
@@ -18,11 +18,14 @@ PHOTO_EXTS = tuple(e.lstrip("*") for e in PHOTO_GLOB.split(";"))
 
 class FG3D_SceneSettings(bpy.types.PropertyGroup):
     """The panel's choices, stored with the scene."""
+
     photo: StringProperty(  # type: ignore[valid-type]
-        name="Photo", subtype='FILE_PATH', default="", description="The photo of a face to reconstruct")
+        name="Photo", subtype="FILE_PATH", default="", description="The photo of a face to reconstruct"
+    )
     refine: BoolProperty(name="FGNet refinement", default=True)  # type: ignore[valid-type]
     face_index: IntProperty(  # type: ignore[valid-type]
-        name="Face", default=0, min=0, max=99, description="0 = the largest face in the photo")
+        name="Face", default=0, min=0, max=99, description="0 = the largest face in the photo"
+    )
     texture_size: EnumProperty(name="Texture", items=TEXTURE_SIZES, default="1024")  # type: ignore[valid-type]
     add_images: BoolProperty(name="Depth and PNCC images", default=True)  # type: ignore[valid-type]
     add_camera: BoolProperty(name="Camera matching the photo", default=True)  # type: ignore[valid-type]
@@ -35,7 +38,7 @@ def _preview_icon(path: str) -> int:
     key = f"{path}:{os.path.getmtime(path)}"
     if key not in _previews:
         try:
-            _previews.load(key, path, 'IMAGE')
+            _previews.load(key, path, "IMAGE")
         except (KeyError, RuntimeError):
             return 0
     return _previews[key].icon_id
@@ -44,8 +47,8 @@ def _preview_icon(path: str) -> int:
 class FG3D_PT_reconstruct(bpy.types.Panel):
     bl_idname = "FG3D_PT_reconstruct"
     bl_label = "Face from Photo"
-    bl_space_type = 'VIEW_3D'
-    bl_region_type = 'UI'
+    bl_space_type = "VIEW_3D"
+    bl_region_type = "UI"
     bl_category = "FG3D"
 
     def draw(self, context):
@@ -57,7 +60,7 @@ class FG3D_PT_reconstruct(bpy.types.Panel):
         if icon:
             layout.template_icon(icon_value=icon, scale=8.0)
         elif path and not os.path.isfile(path):
-            layout.label(text="No such file", icon='ERROR')
+            layout.label(text="No such file", icon="ERROR")
         col = layout.column(align=True)
         col.prop(s, "refine")
         col.prop(s, "face_index")
@@ -68,7 +71,7 @@ class FG3D_PT_reconstruct(bpy.types.Panel):
         row = layout.row()
         row.scale_y = 1.5
         row.enabled = bool(s.photo) and not busy
-        op = row.operator("fg3d.reconstruct", text="Reconstruct", icon='USER')
+        op = row.operator("fg3d.reconstruct", text="Reconstruct", icon="USER")
         op.filepath = s.photo
         op.refine = s.refine
         op.face_index = s.face_index
@@ -76,7 +79,7 @@ class FG3D_PT_reconstruct(bpy.types.Panel):
         op.add_images = s.add_images
         op.add_camera = s.add_camera
         if busy:
-            layout.label(text=busy, icon='TIME')
+            layout.label(text=busy, icon="TIME")
             layout.label(text="Esc cancels")
 
 
@@ -86,7 +89,8 @@ CLASSES = (FG3D_SceneSettings, FG3D_PT_reconstruct)
 def register_props() -> None:
     global _previews
     bpy.types.Scene.fg3d = PointerProperty(  # type: ignore[attr-defined,func-returns-value]
-        type=FG3D_SceneSettings)
+        type=FG3D_SceneSettings
+    )
     if not bpy.app.background:
         _previews = previews.new()
 

@@ -4,6 +4,7 @@ Public functions: ``rasterize``, ``interpolate``, ``vertex_normals``, ``sample_b
 ``_raster.pyx``.  The arrays must be C-contiguous float32 / int32; the thin wrappers in
 ``fg3d_blender.core.render`` take care of that.
 """
+
 try:
     from ._raster import interpolate, rasterize, sample_bilinear, vertex_normals
 except ImportError as exc:  # pragma: no cover - exercised only on an unbuilt checkout
