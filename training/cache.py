@@ -58,13 +58,7 @@ def cache_one(
     inp = fgnet_inputs(image, fit, fm, size, shape_range)
     rgb = image[:, :, ::-1].astype(np.float32) / 255.0
     pos = inp.positions / inp.scale
-    tex = cv2.remap(
-        rgb,
-        np.ascontiguousarray(pos[:, :, 0]),
-        np.ascontiguousarray(pos[:, :, 1]),
-        cv2.INTER_LINEAR,
-        borderMode=cv2.BORDER_REPLICATE,
-    )
+    tex = render.remap_at(rgb, pos)
     n = render.vertex_normals(fit.vertices, fm.triangles) @ fit.rotation.T
     n_uv = fm.to_uv(n, size)
     n_uv /= np.maximum(np.linalg.norm(n_uv, axis=-1, keepdims=True), 1e-6)

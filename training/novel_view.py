@@ -6,7 +6,7 @@ makes views whose geometry is known: a photo's face mesh (its coarse fit plus a 
 from the photo and drawn turned further away from the camera, over a blurred copy of the photo.
 Turning away only hides surface; it reveals none the photo did not show, so the render has no
 invented texture.  The pipeline's coarse fit of the render, compared with the mesh that was drawn,
-gives a 3D error that FGNet can be trained to remove (``train_fgnet``).
+gives a 3D error that FGNet can be trained to remove (``views``, ``trainer``).
 """
 
 from __future__ import annotations

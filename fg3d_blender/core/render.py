@@ -133,6 +133,24 @@ def render_face(image_vertices: np.ndarray, triangles: np.ndarray, height: int, 
     return FaceRender(raster=ras, window=(x0, y0, x1, y1), shape=(int(height), int(width)), vertices=local)
 
 
+def remap_at(
+    image: np.ndarray,
+    pos: np.ndarray,
+    interpolation: int = cv2.INTER_LINEAR,
+    border: int = cv2.BORDER_REPLICATE,
+    border_value: float = 0.0,
+) -> np.ndarray:
+    """``image`` sampled at the (S,S,≥2) pixel positions ``pos`` (x, y): an (S,S[,C]) map."""
+    return cv2.remap(
+        image,
+        np.ascontiguousarray(pos[:, :, 0]),
+        np.ascontiguousarray(pos[:, :, 1]),
+        interpolation,
+        borderMode=border,
+        borderValue=border_value,
+    )
+
+
 def texel_visibility(
     pos: np.ndarray,
     layout: np.ndarray,
@@ -143,14 +161,7 @@ def texel_visibility(
 ) -> np.ndarray:
     """Texels inside ``layout`` whose position ``pos`` (S,S,3; zbuffer pixels) passes the z-buffer test
     within ``tolerance`` px and whose facing cosine exceeds ``min_facing``."""
-    zb = cv2.remap(
-        zbuffer,
-        np.ascontiguousarray(pos[:, :, 0]),
-        np.ascontiguousarray(pos[:, :, 1]),
-        cv2.INTER_NEAREST,
-        borderMode=cv2.BORDER_CONSTANT,
-        borderValue=np.inf,
-    )
+    zb = remap_at(zbuffer, pos, cv2.INTER_NEAREST, cv2.BORDER_CONSTANT, np.inf)
     return layout & (facing > min_facing) & (pos[:, :, 2] >= zb - tolerance)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from .render import Raster, interpolate, texel_visibility
+from .render import Raster, interpolate, remap_at, texel_visibility
 
 MIN_FACING = 0.2  # cosine between surface normal and view direction below which a texel is not trusted
 FACING_RAMP = 0.25  # above MIN_FACING + this, the photo alone gives the texel's colour
@@ -73,13 +73,7 @@ def make_texture(
     pos, layout, facing = interp[:, :, :3], r.mask, interp[:, :, 3]
     vis = texel_visibility(pos, layout, zbuffer, tolerance, facing, MIN_FACING)
     weight = np.where(vis, np.clip((facing - MIN_FACING) / FACING_RAMP, 0.0, 1.0), 0.0).astype(np.float32)
-    photo = cv2.remap(
-        image,
-        np.ascontiguousarray(pos[:, :, 0]),
-        np.ascontiguousarray(pos[:, :, 1]),
-        cv2.INTER_LINEAR,
-        borderMode=cv2.BORDER_REPLICATE,
-    )
+    photo = remap_at(image, pos)
     solid = weight >= 1.0
     use_mirror = layout & ~solid & solid[:, ::-1]
     fill = cv2.copyTo(np.ascontiguousarray(photo[:, ::-1]), use_mirror.astype(np.uint8), photo.copy())
