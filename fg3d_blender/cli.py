@@ -170,7 +170,10 @@ def _checkout_module(command: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fg3d_blender", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m fg3d_blender",
+        description="One photo of a face → a textured, editable 3D face mesh (FGNet).",
+    )
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("reconstruct", help="photos or folders → textured face meshes")
     r.add_argument("photos", nargs="+", metavar="PHOTO")
