@@ -9,8 +9,6 @@ from pathlib import Path
 
 from fg3d_blender.core.errors import FG3DError
 
-from . import trainer
-
 
 def add_arguments(t: argparse.ArgumentParser) -> None:
     t.add_argument("--photos", required=True, metavar="DIR")
@@ -60,6 +58,8 @@ def run(args) -> int:
         raise FG3DError(f"{args.init}: no such weights file (--init)")
     if args.views < 0 or args.views_per_batch < 1:
         raise FG3DError("--views must be 0 or more and --views-per-batch 1 or more")
+    from . import trainer  # imports torch and the pipeline: only when training runs, not for every CLI call
+
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     res = trainer.train(
