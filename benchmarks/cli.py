@@ -11,6 +11,7 @@ from pathlib import Path
 DEFAULT_PHOTO = str(
     Path(__file__).resolve().parents[2] / "shared/photos/fg3d_examples/AFW_1814664578_2_0.jpg"
 )
+DEFAULT_SCAN_DIR = str(Path(__file__).resolve().parents[2] / "shared/scans/james")
 #: bench name → the module whose ``run(args)`` runs it.  They import torch and the pipeline, so only the
 #: chosen one is imported, when it runs: building the parser stays cheap for every other command.
 RUNNERS = {
@@ -21,6 +22,8 @@ RUNNERS = {
     "memory": "memory",
     "raster": "raster",
     "figure": "fgnet_figure",
+    "expression-figure": "expression_figure",
+    "scan": "scan",
 }
 
 
@@ -72,7 +75,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     f = sub.add_parser("figure", help="FGNet figure rows photo | coarse | refined | detail into a PNG")
     f.add_argument("out")
     f.add_argument("photos", nargs="+")
-    for p in (a, s, c, h, m, r, f):
+    ef = sub.add_parser(
+        "expression-figure", help="six carried ICT expression modes on the BFM mean, into a PNG"
+    )
+    ef.add_argument("out")
+    sc = sub.add_parser(
+        "scan",
+        help="real 3D scan: renders at 21 poses reconstructed, aligned (landmarks + ICP) and measured "
+        "scan-to-mesh (mm, NoW-style), against the mean face",
+    )
+    sc.add_argument("--dir", default=DEFAULT_SCAN_DIR, help="the scan folder (james.obj, .jpg, .ljson)")
+    sc.add_argument("--no-refine", action="store_true")
+    sc.add_argument("--no-refit", action="store_true", help="skip the landmark refit of the 3DMM")
+    sc.add_argument(
+        "--lightings",
+        type=int,
+        choices=(1, 2, 3),
+        default=2,
+        help="how many lightings to render under (soft front, strong side, top; default 2)",
+    )
+    for p in (a, s, c, h, m, r, f, ef, sc):
         p.add_argument("--json", action="store_true", help="print one JSON line")
 
 

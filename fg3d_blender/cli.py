@@ -30,6 +30,7 @@ from .operators.blend_writer import require_bpy, write_blend
 CHECKOUT_COMMANDS = {
     "bench": ("benchmarks.cli", "benchmarks that print numbers (last line JSON with --json)"),
     "train-fgnet": ("training.cli", "train FGNet self-supervised on a folder of face photos"),
+    "build-expressions": ("training.expressions", "carry ICT-FaceKit's expression modes onto the BFM mesh"),
 }
 
 

@@ -37,6 +37,8 @@ SHARED = ROOT.parent / "shared"
 PHOTO = SHARED / "photos" / "fg3d_examples" / "test.jpg"
 EXT_ID = "bl_ext.user_default.fg3d_blender"
 N_VERTS, N_TRIS = 53215, 105954
+# the shape keys of a result: the neutral identity, the 53 expression blendshapes, the refinement
+KEYS = ["Basis", *REC.face_model.expressions.names, "FGNet"]
 DATA_KINDS = (
     "objects",
     "meshes",
@@ -83,6 +85,12 @@ def _co(block, n: int) -> np.ndarray:
     co = np.empty(n * 3, np.float32)
     block.foreach_get("co", co)
     return co.reshape(-1, 3).astype(np.float64)
+
+
+def _mixed(keys, n: int) -> np.ndarray:
+    """What the relative shape keys show together: Basis + Σ value · (key − Basis)."""
+    basis = _co(keys.key_blocks["Basis"].data, n)
+    return basis + sum(k.value * (_co(k.data, n) - basis) for k in keys.key_blocks[1:])
 
 
 @pytest.fixture(scope="module")
@@ -206,9 +214,9 @@ def test_reconstruct_adds_the_face(fg3d_bpy, fg3d_face, fg3d_expected):
     me = ob.data
     assert ob.type == "MESH" and len(me.vertices) == N_VERTS and len(me.polygons) == N_TRIS
     assert all(p.use_smooth for p in me.polygons[:100])
-    # vertices: metres, Z up, the face toward -Y (the Basis key is the coarse 3DMM shape)
+    # vertices: metres, Z up, the face toward -Y (the Basis key is the neutral 3DMM identity)
     basis = _co(me.vertices, N_VERTS)
-    want = _to_blender(expected.vertices_coarse)
+    want = _to_blender(expected.vertices_neutral)
     assert np.allclose(basis - basis.mean(0), want - want.mean(0), atol=1e-5)
     assert 0.12 < np.ptp(basis[:, 0]) < 0.25 and 0.15 < np.ptp(basis[:, 2]) < 0.3  # a head, in metres
     nose = basis[keypoints[30]]
@@ -240,17 +248,32 @@ def test_material_has_the_packed_photo_texture(fg3d_bpy, fg3d_face, fg3d_expecte
     assert np.abs(img * 255 - expected.texture).mean() < 1.0  # the texture, in Blender's colour order
 
 
-def test_shape_keys_basis_and_fgnet(fg3d_bpy, fg3d_face, fg3d_expected):
+def test_shape_keys_neutral_blendshapes_and_fgnet(fg3d_bpy, fg3d_face, fg3d_expected):
     bpy, (name, _), (expected, _) = fg3d_bpy, fg3d_face, fg3d_expected
     keys = bpy.data.objects[name].data.shape_keys
-    assert keys.use_relative and [k.name for k in keys.key_blocks] == ["Basis", "FGNet"]
+    assert keys.use_relative and [k.name for k in keys.key_blocks] == KEYS
+    basis = _co(keys.key_blocks["Basis"].data, N_VERTS)
+    assert np.allclose(
+        basis - basis.mean(0),
+        _to_blender(expected.vertices_neutral) - _to_blender(expected.vertices_neutral).mean(0),
+        atol=1e-5,
+    )  # Basis is the neutral identity
     fgnet = keys.key_blocks["FGNet"]
     assert fgnet.relative_key.name == "Basis" and fgnet.value == 1.0
     assert (fgnet.slider_min, fgnet.slider_max) == (0.0, 1.0)
-    basis, refined = _co(keys.key_blocks["Basis"].data, N_VERTS), _co(fgnet.data, N_VERTS)
-    delta = refined - basis
+    delta = _co(fgnet.data, N_VERTS) - basis
     want = _to_blender(expected.vertices) - _to_blender(expected.vertices_coarse)
     assert np.allclose(delta, want, atol=1e-5)  # the slider dials exactly the refinement
+    shapes = expected.blendshapes
+    for kname in ("jawOpen", "mouthSmile_L", "eyeBlink_R"):
+        k = keys.key_blocks[kname]
+        assert k.value == pytest.approx(expected.expression[kname], abs=1e-6)
+        mode = _to_blender(shapes.modes[shapes.names.index(kname)]) - _to_blender(np.zeros((1, 3)))
+        assert np.allclose(_co(k.data, N_VERTS) - basis, mode, atol=1e-5)
+    # all keys at their values: the reconstructed mesh, up to the object's centring
+    mixed = _mixed(keys, N_VERTS)
+    want = _to_blender(expected.vertices)
+    assert np.abs((mixed - mixed.mean(0)) - (want - want.mean(0))).max() < 1e-5
 
 
 def test_custom_properties_and_images(fg3d_bpy, fg3d_face, fg3d_expected):
@@ -277,10 +300,10 @@ def test_camera_sees_the_face_as_in_the_photo(fg3d_bpy, fg3d_face, fg3d_expected
     h, w = expected.image.shape[:2]
     assert cam.data.type == "ORTHO" and (scene.render.resolution_x, scene.render.resolution_y) == (w, h)
     assert cam.data.background_images[0].image == ob["fg3d_photo"]
-    fgnet = ob.data.shape_keys.key_blocks["FGNet"]
+    shown = _mixed(ob.data.shape_keys, N_VERTS)
     px = []
     for i in keypoints:
-        x, y, _ = world_to_camera_view(scene, cam, ob.matrix_world @ Vector(fgnet.data[int(i)].co))
+        x, y, _ = world_to_camera_view(scene, cam, ob.matrix_world @ Vector(shown[int(i)]))
         px.append((x * w - 0.5, (1.0 - y) * h - 0.5))
     err = np.linalg.norm(np.array(px) - expected.landmarks_2d, axis=1)
     assert err.max() < 0.02 * w, f"landmarks through the Blender camera are off by up to {err.max():.1f} px"
@@ -345,7 +368,7 @@ def test_save_and_reopen(fg3d_bpy, fg3d_face, tmp_path):
     assert {k: v for k, v in _counts(bpy).items() if k in before} == before  # (unused data is not saved)
     ob = bpy.data.objects[name]
     assert len(ob.data.vertices) == N_VERTS
-    assert [k.name for k in ob.data.shape_keys.key_blocks] == ["Basis", "FGNet"]
+    assert [k.name for k in ob.data.shape_keys.key_blocks] == KEYS
     tex = ob.active_material.node_tree.nodes["Face texture"].image
     for im in (tex, ob["fg3d_depth"], ob["fg3d_pncc"], ob["fg3d_photo"]):
         assert im.packed_file is not None and im.packed_file.size > 0 and im.size[0] > 0, im.name
@@ -517,7 +540,7 @@ def test_legacy_addon_install_bpy(fg3d_addon_zip, tmp_path):
     assert out["install"] == ["FINISHED"] and out["enabled"]
     assert Path(out["file"]).resolve().is_relative_to(Path(out["addons_dir"]).resolve())
     assert "no face found" in out["noface"] and out["unchanged"]
-    assert out["run"] == ["FINISHED"] and out["verts"] == N_VERTS and out["keys"] == ["Basis", "FGNet"]
+    assert out["run"] == ["FINISHED"] and out["verts"] == N_VERTS and out["keys"] == KEYS
     assert out["packed"] and out["depth"]
 
 
@@ -578,7 +601,7 @@ def test_real_blender_legacy_install(fg3d_real_blender):
     assert out["install"] == ["FINISHED"] and out["enabled"] and out["verts"] == N_VERTS
     assert Path(out["file"]).resolve().is_relative_to(Path(out["addons_dir"]).resolve())
     assert "no face found" in out["noface"] and out["unchanged"]
-    assert out["keys"] == ["Basis", "FGNet"] and out["packed"] and out["depth"]
+    assert out["keys"] == KEYS and out["packed"] and out["depth"]
 
 
 def test_real_blender_headless_one_liner(fg3d_real_blender):

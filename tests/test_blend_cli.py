@@ -71,7 +71,9 @@ def test_cli_writes_a_blend(tmp_path):
     assert line, rr.stdout + rr.stderr
     got = json.loads(line[-1][len("FG3D-JSON ") :])
     assert got["objects"] == ["CAMERA", "MESH"] and got["verts"] == 53215
-    assert got["keys"] == ["Basis", "FGNet"] and got["uv"] == "UVMap" and got["camera"]
+    keys = got["keys"]
+    assert keys[0] == "Basis" and keys[-1] == "FGNet" and len(keys) == 55 and "jawOpen" in keys
+    assert got["uv"] == "UVMap" and got["camera"]
     assert {"FG3D_test_texture", "FG3D_test_depth", "FG3D_test_pncc", "FG3D_test_photo"} <= set(got["packed"])
     assert Path(got["source"]).resolve() == PHOTO.resolve()
 

@@ -108,7 +108,10 @@ def test_glb_is_valid_gltf_binary(written, result):
     assert acc[prim["attributes"]["POSITION"]]["componentType"] == 5126
     assert acc[prim["indices"]]["componentType"] == 5125
     assert len(pos) == N_V and len(idx) == 3 * N_F and idx.max() == N_V - 1
-    np.testing.assert_allclose(pos, result.vertices / 1000.0, atol=1e-7)  # metres
+    # metres; the base is the neutral face (with FGNet's detail), the fitted weights dial the expression
+    base = result.vertices - result.blendshapes.apply(result.expression_weights)
+    np.testing.assert_allclose(pos, base / 1000.0, atol=1e-7)
+    assert gltf["meshes"][0]["weights"] == pytest.approx(list(result.expression_weights))
     np.testing.assert_allclose(acc[prim["attributes"]["POSITION"]]["min"], pos.min(0), rtol=1e-6)
     np.testing.assert_allclose(acc[prim["attributes"]["POSITION"]]["max"], pos.max(0), rtol=1e-6)
     np.testing.assert_allclose(np.linalg.norm(nrm, axis=1), 1, atol=1e-4)

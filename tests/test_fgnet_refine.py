@@ -66,7 +66,8 @@ def test_refine_moves_the_coarse_shape_within_bounds():
     assert np.array_equal(out, again)  # deterministic (eval mode, no dropout)
     # what the landmark loss taught it: over the paper's example photos, the refined mesh's 68 points land
     # closer to the landmark head's prediction, which the coarse refit only approaches under its shape
-    # prior (one photo may not: the views' 3D loss also moves keypoints)
+    # prior (one photo may not: the views' 3D loss also moves keypoints).  Since the coarse fit explains
+    # expression itself (ICT blendshapes) the gain left to FGNet is smaller: 1.00 → 0.95 (was ~15 %)
     kp = REC.face_model.keypoints
     errs = []
     for p in sorted(PHOTO.parent.glob("*.jpg")):
@@ -77,7 +78,7 @@ def test_refine_moves_the_coarse_shape_within_bounds():
         f = REC.fit(img, detect.select_face(faces, None).landmarks)
         errs.append([landmark_error(f, v, kp) for v in (f.vertices, refiner.refine(img, f))])
     errs = np.array(errs)
-    assert len(errs) >= 15 and errs[:, 1].mean() < 0.9 * errs[:, 0].mean()
+    assert len(errs) >= 15 and errs[:, 1].mean() < 0.97 * errs[:, 0].mean()
 
 
 def test_refine_removes_coarse_error_on_turned_views_of_unseen_faces(photos_dir):

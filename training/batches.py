@@ -17,22 +17,36 @@ from .cache import cached_fit
 LANDMARK_TARGETS = {"head": ("head_landmarks", 1.0), "dlib": ("landmarks", 0.5)}
 
 
+def shape_basis(fm: FaceModel) -> np.ndarray:
+    """(N,3,40+K) mm per unit coefficient: the identity basis, then the expression modes (if any)."""
+    basis = fm.basis_um / 1000.0
+    if fm.expressions is not None:
+        basis = np.concatenate([basis, fm.expressions.modes.transpose(1, 2, 0)], 2)
+    return basis.astype(np.float32)
+
+
+def coefficients(data: dict, i: int) -> np.ndarray:
+    """Record ``i``'s shape coefficients in ``shape_basis`` order: identity, then expression."""
+    return np.concatenate([data["alpha"][i], data["expression"][i]]).astype(np.float32)
+
+
 class UVModel:
-    """Mean and identity basis of the BFM as UV maps at ``size`` (mm), keypoint UVs, layout mask."""
+    """Mean and shape basis (identity, expression) of the BFM as UV maps at ``size`` (mm), keypoint UVs,
+    layout mask."""
 
     def __init__(self, fm: FaceModel, size: int):
         self.size = size
         n = len(fm.mean_mm)
-        attrs = np.concatenate([fm.mean_mm, (fm.basis_um / 1000.0).reshape(n, -1)], 1).astype(np.float32)
+        attrs = np.concatenate([fm.mean_mm, shape_basis(fm).reshape(n, -1)], 1).astype(np.float32)
         m = fm.to_uv(attrs, size)
         self.mean = m[:, :, :3].copy()  # (S,S,3)
-        self.basis = m[:, :, 3:].reshape(size, size, 3, -1).copy()  # (S,S,3,40)
+        self.basis = m[:, :, 3:].reshape(size, size, 3, -1).copy()  # (S,S,3,40+K)
         self.layout = fm.uv_raster(size).mask
         self.kp_uv = fm.uvs[fm.keypoints].astype(np.float32)  # (68,2)
         self.keypoints = fm.keypoints
 
-    def positions(self, alpha: np.ndarray) -> np.ndarray:
-        return self.mean + self.basis @ alpha.astype(np.float32)
+    def positions(self, coef: np.ndarray) -> np.ndarray:
+        return self.mean + self.basis[:, :, :, : len(coef)] @ coef.astype(np.float32)
 
 
 def _tensor(arrays, device) -> torch.Tensor:
@@ -49,7 +63,10 @@ class Batcher:
         self.uvm = UVModel(fm, size)
         self.shape_range = load_shape_range()
         self.kp_mean = fm.mean_mm[fm.keypoints].astype(np.float32)  # (68,3)
-        self.kp_basis = (fm.basis_um[fm.keypoints] / 1000.0).astype(np.float32)  # (68,3,40)
+        self.kp_basis = shape_basis(fm)[fm.keypoints]  # (68,3,40+K)
+
+    def keypoint_positions(self, coef: np.ndarray) -> np.ndarray:
+        return self.kp_mean + self.kp_basis[:, :, : len(coef)] @ coef
 
     def inputs(self, i: int) -> FGNetInputs:
         """Record ``i``'s FGNet inputs: ``fgnet_inputs`` of its photo and cached fit."""
@@ -64,7 +81,7 @@ class Batcher:
             "paf": _tensor([p.paf.transpose(2, 0, 1) for p in parts], dev),
             "vis": _tensor([p.visibility[None] for p in parts], dev),
             "shape": _tensor([p.shape.transpose(2, 0, 1) for p in parts], dev),
-            "p0": _tensor([self.uvm.positions(d["alpha"][i]) for i in idx], dev),
+            "p0": _tensor([self.uvm.positions(coefficients(d, i)) for i in idx], dev),
             "image": _tensor(
                 [d["images"][i][:, :, ::-1].transpose(2, 0, 1).astype(np.float32) / 255 for i in idx], dev
             ),
@@ -74,7 +91,7 @@ class Batcher:
             "lm": _tensor([d[self.lm_key][i] for i in idx], dev),
             "albedo": _tensor([d["albedo"][i].astype(np.float32) for i in idx], dev),
             "light": _tensor([d["light"][i] for i in idx], dev),
-            "kp0": _tensor([self.kp_mean + self.kp_basis @ d["alpha"][i] for i in idx], dev),
+            "kp0": _tensor([self.keypoint_positions(coefficients(d, i)) for i in idx], dev),
         }
         if "target" in d:
             b["target"] = _tensor([d["target"][i] for i in idx], dev)

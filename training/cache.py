@@ -28,7 +28,7 @@ from fg3d_blender.core.pipeline import Reconstructor
 
 HOLDOUT = 0.05
 SHARD = 500
-CACHE_VERSION = 2  # 2: refitted coarse fits and the landmark head's prediction (head_landmarks)
+CACHE_VERSION = 3  # 2: refitted coarse fits and the landmark head's prediction; 3: expression weights
 ALBEDO_SIGMA_FRAC = 1.0 / 32  # low-pass of the albedo estimate, fraction of the UV size
 
 
@@ -65,6 +65,7 @@ def cache_one(
     alb, light = estimate_albedo_light(tex, n_uv, inp.visibility, size)
     return {
         "alpha": fit.params[12:52].astype(np.float32),
+        "expression": (fit.expression if fit.expression is not None else np.zeros(0)).astype(np.float32),
         "A": fit.A.astype(np.float32),
         "b": fit.b.astype(np.float32),
         "rot": fit.rotation.astype(np.float32),
@@ -178,11 +179,13 @@ def is_holdout(name: str) -> bool:
 
 
 def cached_fit(fm: FaceModel, data: dict, i: int) -> Fit:
-    """The coarse fit of cached record ``i`` (its shape parameters and camera) as a ``Fit``."""
+    """The coarse fit of cached record ``i`` (its shape parameters, expression and camera) as a ``Fit``."""
+    expression = data["expression"][i] if data["expression"].shape[1] else None
     return Fit(
         params=np.zeros(62, np.float32),
         roi_box=np.zeros(4, np.float32),
-        vertices=fm.shape_mm(data["alpha"][i]).astype(np.float32),
+        vertices=fm.face_vertices(data["alpha"][i], expression).astype(np.float32),
         A=data["A"][i].astype(np.float32),
         b=data["b"][i].astype(np.float32),
+        expression=expression,
     )

@@ -62,7 +62,8 @@ def view_one(
     if np.linalg.norm(face.landmarks.mean(0) - truth.mean(0)) > 0.1 * np.ptp(truth[:, 0]):
         return None
     out = cache_one(rec, view, face.landmarks, size, shape_range)
-    coarse = fm.shape_mm(out["alpha"]) @ out["A"].T.astype(np.float64) + out["b"]
+    coarse = fm.face_vertices(out["alpha"], out["expression"] if len(out["expression"]) else None)
+    coarse = coarse @ out["A"].T.astype(np.float64) + out["b"]
     target = similarity_align(moved.astype(np.float64), coarse).astype(np.float32)
     out["target"] = fm.to_uv(target, size)
     out["head_landmarks"] = truth.astype(np.float32)

@@ -95,41 +95,92 @@ def write_ply(path: str, result) -> None:
         f.write(faces.tobytes())
 
 
-def write_glb(path: str, result) -> None:
-    """Binary glTF 2.0: one mesh with normals, UVs and the embedded PNG texture (metres)."""
-    pos = (result.vertices / 1000.0).astype("<f4")
-    nrm = result.normals.astype("<f4")
-    uv = np.column_stack([result.uvs[:, 0], 1.0 - result.uvs[:, 1]]).astype("<f4")  # glTF: v down
-    idx = result.triangles.astype("<u4").ravel()
-    png = png_bytes(result.texture)
-    chunks, views, offset = [], [], 0
-    for data, target in (
-        (pos.tobytes(), 34962),
-        (nrm.tobytes(), 34962),
-        (uv.tobytes(), 34962),
-        (idx.tobytes(), 34963),
-        (png, None),
-    ):
-        view = {"buffer": 0, "byteOffset": offset, "byteLength": len(data)}
+MORPH_MIN_MM = 0.01  # a morph target stores the vertices it moves by more than this (sparse accessor)
+
+
+class _GlbBuffer:
+    """The binary chunk of a GLB being built: buffer views (4-byte aligned) and accessors."""
+
+    def __init__(self):
+        self.chunks: List[bytes] = []
+        self.views: List[dict] = []
+        self.accessors: List[dict] = []
+        self.offset = 0
+
+    def view(self, data: bytes, target: Optional[int] = None) -> int:
+        v = {"buffer": 0, "byteOffset": self.offset, "byteLength": len(data)}
         if target:
-            view["target"] = target
-        views.append(view)
+            v["target"] = target
+        self.views.append(v)
         pad = (-len(data)) % 4
-        chunks.append(data + b"\0" * pad)
-        offset += len(data) + pad
+        self.chunks.append(data + b"\0" * pad)
+        self.offset += len(data) + pad
+        return len(self.views) - 1
+
+    def accessor(
+        self, array: np.ndarray, kind: str, target: Optional[int] = 34962, bounds: bool = False
+    ) -> int:
+        a = {"bufferView": self.view(array.tobytes(), target), "count": len(array), "type": kind}
+        a["componentType"] = 5125 if array.dtype.kind == "u" else 5126
+        if bounds:
+            a.update(min=array.min(0).tolist(), max=array.max(0).tolist())
+        self.accessors.append(a)
+        return len(self.accessors) - 1
+
+    def sparse_vec3(self, dense: np.ndarray, keep: np.ndarray) -> int:
+        """A VEC3 float accessor of ``len(dense)`` zeros but the rows ``keep`` (sparse storage)."""
+        rows = np.flatnonzero(keep).astype("<u4")
+        a = {
+            "componentType": 5126,
+            "count": len(dense),
+            "type": "VEC3",
+            "min": np.minimum(dense[rows].min(0), 0).tolist() if len(rows) else [0.0] * 3,
+            "max": np.maximum(dense[rows].max(0), 0).tolist() if len(rows) else [0.0] * 3,
+        }
+        if len(rows):
+            a["sparse"] = {
+                "count": len(rows),
+                "indices": {"bufferView": self.view(rows.tobytes()), "componentType": 5125},
+                "values": {"bufferView": self.view(dense[rows].astype("<f4").tobytes())},
+            }
+        self.accessors.append(a)
+        return len(self.accessors) - 1
+
+
+def write_glb(path: str, result) -> None:
+    """Binary glTF 2.0 (metres): one mesh with normals, UVs and the embedded PNG texture, and the
+    expression blendshapes as named morph targets (``extras.targetNames``).  The base positions are the
+    neutral face (FGNet detail included) and the mesh's default ``weights`` are the fitted ones, so a
+    viewer shows the reconstructed expression and any ARKit capture can drive the targets."""
+    shapes = result.blendshapes
+    weights = result.expression_weights
+    base = np.asarray(result.vertices, np.float32)
+    if shapes is not None and len(weights):
+        base = base - shapes.apply(weights)
+    buf = _GlbBuffer()
+    pos = buf.accessor((base / 1000.0).astype("<f4"), "VEC3", bounds=True)
+    nrm = buf.accessor(result.normals.astype("<f4"), "VEC3")
+    uv = buf.accessor(np.column_stack([result.uvs[:, 0], 1.0 - result.uvs[:, 1]]).astype("<f4"), "VEC2")
+    idx = buf.accessor(result.triangles.astype("<u4").ravel(), "SCALAR", target=34963)
+    primitive = {
+        "attributes": {"POSITION": pos, "NORMAL": nrm, "TEXCOORD_0": uv},
+        "indices": idx,
+        "material": 0,
+    }
+    mesh = {"name": "FG3D_face", "primitives": [primitive]}
+    if shapes is not None and len(weights):
+        primitive["targets"] = [
+            {"POSITION": buf.sparse_vec3(m / 1000.0, np.abs(m).max(1) > MORPH_MIN_MM)} for m in shapes.modes
+        ]
+        mesh["weights"] = [float(w) for w in weights]
+        mesh["extras"] = {"targetNames": list(shapes.names)}
+    image = buf.view(png_bytes(result.texture))
     gltf = {
         "asset": {"version": "2.0", "generator": "fg3d-blender"},
         "scene": 0,
         "scenes": [{"nodes": [0]}],
         "nodes": [{"mesh": 0, "name": "FG3D_face"}],
-        "meshes": [
-            {
-                "name": "FG3D_face",
-                "primitives": [
-                    {"attributes": {"POSITION": 0, "NORMAL": 1, "TEXCOORD_0": 2}, "indices": 3, "material": 0}
-                ],
-            }
-        ],
+        "meshes": [mesh],
         "materials": [
             {
                 "name": "face",
@@ -142,26 +193,14 @@ def write_glb(path: str, result) -> None:
         ],
         "textures": [{"source": 0, "sampler": 0}],
         "samplers": [{}],
-        "images": [{"bufferView": 4, "mimeType": "image/png"}],
-        "buffers": [{"byteLength": offset}],
-        "bufferViews": views,
-        "accessors": [
-            {
-                "bufferView": 0,
-                "componentType": 5126,
-                "count": len(pos),
-                "type": "VEC3",
-                "min": pos.min(0).tolist(),
-                "max": pos.max(0).tolist(),
-            },
-            {"bufferView": 1, "componentType": 5126, "count": len(nrm), "type": "VEC3"},
-            {"bufferView": 2, "componentType": 5126, "count": len(uv), "type": "VEC2"},
-            {"bufferView": 3, "componentType": 5125, "count": len(idx), "type": "SCALAR"},
-        ],
+        "images": [{"bufferView": image, "mimeType": "image/png"}],
+        "buffers": [{"byteLength": buf.offset}],
+        "bufferViews": buf.views,
+        "accessors": buf.accessors,
     }
     js = json.dumps(gltf, separators=(",", ":")).encode("utf-8")
     js += b" " * ((-len(js)) % 4)
-    binary = b"".join(chunks)
+    binary = b"".join(buf.chunks)
     total = 12 + 8 + len(js) + 8 + len(binary)
     with open(path, "wb") as f:
         f.write(struct.pack("<4sII", b"glTF", 2, total))
@@ -183,6 +222,9 @@ def write_npz(path: str, result) -> None:
             camera_A=result.camera["A"],
             camera_b=result.camera["b"],
             params=result.params,
+            vertices_neutral=result.vertices_neutral,
+            expression_names=np.array(list(result.expression), dtype=str),
+            expression_weights=np.array(list(result.expression.values()), dtype=np.float32),
             image_vertices=result.image_vertices,
             refined=np.array(result.refined),
         )

@@ -7,6 +7,8 @@ from __future__ import annotations
 from typing import Callable, Sequence, Tuple
 
 import numpy as np
+import scipy.sparse as sp
+from scipy.spatial import cKDTree
 
 
 def similarity_transform(src: np.ndarray, dst: np.ndarray) -> Tuple[float, np.ndarray, np.ndarray]:
@@ -54,3 +56,59 @@ def sh_basis(n, stack: Callable = np.stack):
     x, y, z = n[..., 0], n[..., 1], n[..., 2]
     one = x * 0 + 1
     return stack([one, y, z, x, x * y, y * z, 3 * z * z - 1, x * z, x * x - y * y], -1)
+
+
+def closest_points_on_triangles(p: np.ndarray, a: np.ndarray, b: np.ndarray, c: np.ndarray):
+    """Closest point of each triangle (a,b,c: (...,3)) to p (...,3): (distance (...), barycentric
+    weights (...,3)).  The interior projection where it falls inside, else the nearest of the three
+    edge segments."""
+    p, a, b, c = (np.asarray(x, np.float64) for x in (p, a, b, c))
+    ab, ac, ap = b - a, c - a, p - a
+    d00, d01, d11 = (ab * ab).sum(-1), (ab * ac).sum(-1), (ac * ac).sum(-1)
+    d20, d21 = (ap * ab).sum(-1), (ap * ac).sum(-1)
+    den = np.where(np.abs(d00 * d11 - d01 * d01) < 1e-30, 1e-30, d00 * d11 - d01 * d01)
+    v = (d11 * d20 - d01 * d21) / den
+    w = (d00 * d21 - d01 * d20) / den
+    bary = np.stack([1 - v - w, v, w], -1)
+    inside = (v >= 0) & (w >= 0) & (v + w <= 1)
+    best = np.where(inside, np.linalg.norm(p - (a + v[..., None] * ab + w[..., None] * ac), axis=-1), np.inf)
+    corners = (a, b, c)
+    for i, j in ((0, 1), (1, 2), (2, 0)):
+        e = corners[j] - corners[i]
+        t = np.clip(((p - corners[i]) * e).sum(-1) / np.maximum((e * e).sum(-1), 1e-30), 0.0, 1.0)
+        d = np.linalg.norm(p - (corners[i] + t[..., None] * e), axis=-1)
+        closer = d < best
+        if closer.any():
+            edge_bary = np.zeros(bary.shape)
+            edge_bary[..., i], edge_bary[..., j] = 1 - t, t
+            bary = np.where(closer[..., None], edge_bary, bary)
+            best = np.where(closer, d, best)
+    return best, bary
+
+
+def closest_points_on_mesh(points: np.ndarray, vertices: np.ndarray, triangles: np.ndarray, k: int = 16):
+    """The closest surface point of a triangle mesh to each of ``points`` (N,3): (distance (N,),
+    triangle index (N,), barycentric weights (N,3)).  Candidates are the ``k`` triangles whose
+    centroids are nearest, exact on meshes of even density."""
+    v = np.asarray(vertices, np.float64)
+    tri = np.asarray(triangles)
+    k = min(k, len(tri))
+    _, cand = cKDTree(v[tri].mean(1)).query(points, k=k)
+    cand = cand.reshape(len(points), k)
+    corners = v[tri[cand]]  # (N,k,3,3)
+    p = np.asarray(points, np.float64)[:, None, :]
+    dist, bary = closest_points_on_triangles(p, corners[:, :, 0], corners[:, :, 1], corners[:, :, 2])
+    best = dist.argmin(1)
+    rows = np.arange(len(points))
+    return dist[rows, best], cand[rows, best], bary[rows, best]
+
+
+def uniform_laplacian(n: int, triangles: np.ndarray) -> sp.csr_matrix:
+    """Graph Laplacian I − D⁻¹A of a triangle mesh's edges (n vertices)."""
+    e = np.concatenate([triangles[:, [0, 1]], triangles[:, [1, 2]], triangles[:, [2, 0]]])
+    e = np.concatenate([e, e[:, ::-1]])
+    a = sp.csr_matrix((np.ones(len(e)), (e[:, 0], e[:, 1])), shape=(n, n))
+    a.data[:] = 1.0
+    deg = np.asarray(a.sum(1)).ravel()
+    deg[deg == 0] = 1.0
+    return (sp.identity(n) - sp.diags(1.0 / deg) @ a).tocsr()

@@ -1,11 +1,14 @@
 """Stage 3 — 3DMM fit: crop the face, regress pose + shape, decode the dense BFM mesh.
 
 The regressor predicts 12 pose + 40 shape + 10 expression parameters in the Basel Face Model space of
-the 4096-point PAF grid (``Model_PAF.pkl``).  The grid's identity displacement is carried onto the full
-BFM mean (53,215 vertices, ``tri_full``, ``BFM_UV``) by fixed inverse-distance weights from each full
-vertex to its 4 nearest on-surface grid points.  The 10 expression parameters are kept in ``params``
-but not applied: the only expression basis that ships with the assets (``w_exp_filter``) is an exact
-copy of the first 10 shape components, so it cannot represent expressions.
+the 4096-point PAF grid (``Model_PAF.pkl``).  The grid's identity basis is carried onto the full BFM
+mean (53,215 vertices, ``tri_full``, ``BFM_UV``) by a Laplacian-regularised fit: the dense basis that
+matches the grid at each grid point's place on the mesh and is smooth in between (the 4-nearest
+inverse-distance weights used before drew fine ridges across cheeks and neck and crumpled the lip
+seam).  The regressor's 10 expression parameters are kept in ``params`` but not applied: the only
+expression basis in its assets (``w_exp_filter``) is an exact copy of the first 10 shape components.
+Expression comes from ``ExpressionModes`` instead (ICT-FaceKit's blendshapes carried onto this mesh),
+fitted with the identity to the landmarks by ``refit_to_landmarks``.
 """
 
 from __future__ import annotations
@@ -13,21 +16,29 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import cv2
 import numpy as np
 import scipy.io as sio
+import scipy.sparse as sp
 import torch
+from scipy.optimize import nnls
+from scipy.sparse.linalg import factorized
 from scipy.spatial import cKDTree
 
 from . import render
-from .assets import asset_path, derived_path, load_pickled_arrays
+from .assets import asset_path, bundled, derived_path, load_pickled_arrays
+from .geometry import closest_points_on_mesh, uniform_laplacian
 from .mobilenet import MobileNetV1, load_regressor
 
 CROP_SIZE = 120
 GRID_OFF_SURFACE_UM = 2000.0  # grid points farther than this from the BFM surface are padding
 GRID_K = 4
+BASIS_SMOOTHING = 0.1  # λ of the dense basis fit (grid residual ~1e-8 of the basis; ridges gone)
+BASIS_IDW_PULL = 1e-4  # ε: the far ears and neck follow the nearest grid points
+FOREHEAD_BORDER_Y_MM = 30.0
+FOREHEAD_BORDER_PASSES = 8
 # iBUG-68 index of each landmark's left-right mirror partner
 MIRROR_68 = np.array(
     list(range(16, -1, -1))
@@ -36,7 +47,66 @@ MIRROR_68 = np.array(
     + [45, 44, 43, 42, 47, 46, 39, 38, 37, 36, 41, 40]
     + [54, 53, 52, 51, 50, 49, 48, 59, 58, 57, 56, 55, 64, 63, 62, 61, 60, 67, 66, 65]
 )
-REFIT_PRIOR = 1.0  # weight of the regressed shape in the landmark refit (measured on AFLW2000-3D)
+# Priors of the landmark refit, chosen on the real scan, FRGC consistency and AFLW2000-3D together (README:
+# "Choosing the refit priors").  Every looser identity prior bent the identity and measured worse in 3D,
+# so the identity stays the regressor's; the expression weights are strongly sparse.
+REFIT_PRIOR = 1e4
+EXPRESSION_PRIOR = 1.0
+EXPRESSION_L1 = 100.0
+JAW_WEIGHT = 1.0
+FACE_RADIUS_MM = 95.0  # the face region: vertices this close to the nose tip (NoW's crop)
+EXPRESSION_STEP_MM = 0.005  # quantisation step of the shipped expression modes (int16)
+
+
+@dataclass(frozen=True)
+class ExpressionModes:
+    """The expression blendshapes carried onto the BFM mesh (``models/bfm_expressions_ict.npz``, built by
+    ``build-expressions`` from ICT-FaceKit): a face is ``identity + Σ w_k · modes[k]``, w_k in [0, 1]."""
+
+    names: List[str]  # ARKit-style names, as ICT-FaceKit spells them
+    modes: np.ndarray  # (K,N,3) float32, mm
+
+    @classmethod
+    def load(cls) -> Optional[ExpressionModes]:
+        """The bundled modes (sha256-verified), or None when the file is absent."""
+        entry = bundled("expressions")
+        if entry is None:
+            return None
+        with np.load(entry["file"], allow_pickle=False) as z:
+            modes = z["modes"].astype(np.float32) * np.float32(z["step_mm"])
+            return cls(names=[str(n) for n in z["names"]], modes=modes)
+
+    def apply(self, weights: np.ndarray) -> np.ndarray:
+        """The (N,3) displacement of the weights (K,)."""
+        return np.tensordot(weights.astype(np.float32), self.modes, axes=1)
+
+
+def boundary_neighbours(triangles: np.ndarray) -> Dict[int, List[int]]:
+    """Each border vertex of a triangle mesh → its neighbours along the border (edges of one triangle)."""
+    e = np.sort(np.concatenate([triangles[:, [0, 1]], triangles[:, [1, 2]], triangles[:, [2, 0]]]), 1)
+    edges, count = np.unique(e, axis=0, return_counts=True)
+    out: Dict[int, List[int]] = {}
+    for a, b in edges[count == 1]:
+        out.setdefault(int(a), []).append(int(b))
+        out.setdefault(int(b), []).append(int(a))
+    return out
+
+
+def smooth_forehead_border(vertices_um: np.ndarray, triangles: np.ndarray) -> np.ndarray:
+    """The BFM's upper border (forehead, temples: above FOREHEAD_BORDER_Y_MM) is a staircase of the
+    scan grid, a sawtooth of up to ~1 mm in every render.  Each border vertex there moves toward the
+    middle of its two border neighbours (FOREHEAD_BORDER_PASSES passes of weight ½): the saw drops to
+    ~0.05 mm, no vertex moves more than ~0.9 mm and no triangle flips (tests/test_expressions.py)."""
+    nb = boundary_neighbours(triangles)
+    top = np.array(
+        [k for k, n in nb.items() if len(n) == 2 and vertices_um[k, 1] > FOREHEAD_BORDER_Y_MM * 1000]
+    )
+    left = np.array([nb[k][0] for k in top])
+    right = np.array([nb[k][1] for k in top])
+    v = vertices_um.copy()
+    for _ in range(FOREHEAD_BORDER_PASSES):
+        v[top] = 0.5 * v[top] + 0.25 * (v[left] + v[right])
+    return v
 
 
 class FaceModel:
@@ -64,10 +134,9 @@ class FaceModel:
         stats = load_pickled_arrays("3ddfa_v2/param_mean_std_62d_120x120.pkl")
         self.param_mean = stats["mean"].astype(np.float32)
         self.param_std = stats["std"].astype(np.float32)
-        idx, wts = self._grid_weights()
         # dense identity basis on the full mesh, µm per unit parameter: (N, 3, 40)
-        self.basis_um = np.einsum("nk,nkcj->ncj", wts, self.grid_basis[idx]).astype(np.float32)
-        self.grid_index, self.grid_weights = idx, wts
+        self.basis_um = self._dense_basis()
+        self.mean_um = smooth_forehead_border(self.mean_um, self.triangles)
 
     def _orient_outward(self):
         """Make triangle winding counter-clockwise seen from outside, so normals point outward."""
@@ -76,21 +145,34 @@ class FaceModel:
         if float(np.sum(n * centred)) < 0:
             self.triangles = np.ascontiguousarray(self.triangles[:, ::-1])
 
-    def _grid_weights(self):
-        cache = derived_path("bfm_grid_to_full_v1.npz")
+    def _dense_basis(self) -> np.ndarray:
+        """The grid basis carried onto the full mesh (made once, ~10 s, cached as a derived file):
+        minimise |P d − grid|² + λ |L d|² + ε |d − d_idw|², with P the barycentric weights of each
+        on-surface grid point's closest mesh point, L the mesh Laplacian and d_idw the old 4-nearest
+        inverse-distance transfer, which only steers the far ears and neck the grid does not reach."""
+        cache = derived_path("bfm_dense_basis_v2.npz")
         if cache.is_file():
             with np.load(cache) as z:
-                return z["idx"], z["w"]
-        dist, _ = cKDTree(self.mean_um).query(self.grid_mean)
+                return z["basis_um"]
+        n, k = len(self.mean_um), self.grid_basis.shape[2]
+        dist, tri, bary = closest_points_on_mesh(self.grid_mean, self.mean_um, self.triangles)
         on = np.flatnonzero(dist < GRID_OFF_SURFACE_UM)
+        rows = np.repeat(np.arange(len(on)), 3)
+        p = sp.csr_matrix((bary[on].ravel(), (rows, self.triangles[tri[on]].ravel())), shape=(len(on), n))
+        lap = uniform_laplacian(n, self.triangles)
         d, j = cKDTree(self.grid_mean[on]).query(self.mean_um, k=GRID_K)
-        wts = 1.0 / np.maximum(d, 1.0) ** 2
-        wts /= wts.sum(1, keepdims=True)
-        idx = on[j].astype(np.int32)
+        w = 1.0 / np.maximum(d, 1.0) ** 2
+        idw = np.einsum("nk,nkcj->ncj", w / w.sum(1, keepdims=True), self.grid_basis[on][j]).reshape(n, -1)
+        solve = factorized(
+            (p.T @ p + BASIS_SMOOTHING * (lap.T @ lap) + BASIS_IDW_PULL * sp.identity(n)).tocsc()
+        )
+        rhs = p.T @ self.grid_basis[on].reshape(len(on), -1) + BASIS_IDW_PULL * idw
+        basis = np.column_stack([solve(rhs[:, c]) for c in range(rhs.shape[1])])
+        basis = basis.reshape(n, 3, k).astype(np.float32)
         tmp = cache.with_name(f".{cache.name}.{os.getpid()}.npz")
-        np.savez(tmp, idx=idx, w=wts.astype(np.float64))
+        np.savez(tmp, basis_um=basis)
         os.replace(tmp, cache)
-        return idx, wts
+        return basis
 
     @cached_property
     def mean_mm(self) -> np.ndarray:
@@ -101,6 +183,13 @@ class FaceModel:
         flat = self._basis_flat @ alpha_shp.astype(np.float32)  # one BLAS matrix-vector product
         return (self._mean_um32 + flat.reshape(-1, 3)) * np.float32(1e-3)
 
+    def face_vertices(self, alpha_shp: np.ndarray, expression: Optional[np.ndarray] = None) -> np.ndarray:
+        """The identity shape plus the expression (N,3) in mm (identity alone without expression)."""
+        v = self.shape_mm(alpha_shp)
+        if expression is not None and self.expressions is not None:
+            v = v + self.expressions.apply(expression)
+        return v
+
     @cached_property
     def _basis_flat(self) -> np.ndarray:
         return self.basis_um.reshape(-1, self.basis_um.shape[2])
@@ -108,6 +197,17 @@ class FaceModel:
     @cached_property
     def _mean_um32(self) -> np.ndarray:
         return self.mean_um.astype(np.float32)
+
+    @cached_property
+    def expressions(self) -> Optional[ExpressionModes]:
+        """The bundled expression modes, loaded on first use (None when not installed)."""
+        return ExpressionModes.load()
+
+    @cached_property
+    def face_region(self) -> np.ndarray:
+        """Boolean mask of the mean's vertices within FACE_RADIUS_MM of the nose tip (landmark 30)."""
+        tip = self.mean_mm[self.keypoints[30]]
+        return np.linalg.norm(self.mean_mm - tip, axis=1) < FACE_RADIUS_MM
 
     @cached_property
     def pncc_colors(self) -> np.ndarray:
@@ -142,9 +242,16 @@ class Fit:
     A: np.ndarray  # (3,3) image_vertices = vertices @ A.T + b  (x col, y row, z toward camera, px)
     b: np.ndarray  # (3,)
     head_landmarks: Optional[np.ndarray] = None  # (68,2) the landmark head's prediction (last pass), image px
+    expression: Optional[np.ndarray] = None  # (K,) weights of FaceModel.expressions, in [0, 1]
 
     def project(self, vertices: np.ndarray) -> np.ndarray:
         return (vertices @ self.A.T + self.b).astype(np.float32)
+
+    def expression_named(self, fm: FaceModel) -> Dict[str, float]:
+        """The expression weights by blendshape name (empty without expression)."""
+        if self.expression is None or fm.expressions is None:
+            return {}
+        return {n: float(w) for n, w in zip(fm.expressions.names, self.expression)}
 
     @property
     def rotation(self) -> np.ndarray:
@@ -227,46 +334,107 @@ def decode(params: np.ndarray, roi: np.ndarray, fm: FaceModel) -> Fit:
     return Fit(params=params.astype(np.float32), roi_box=roi.astype(np.float32), vertices=verts, A=A, b=b)
 
 
-def refit_to_landmarks(
-    fit: Fit, landmarks: np.ndarray, fm: FaceModel, prior: float = REFIT_PRIOR, iters: int = 3
-) -> Fit:
-    """Regularised least-squares refit of the camera and the 40 shape parameters to 68 2D landmarks.
+@dataclass(frozen=True)
+class RefitPriors:
+    """Weights of the landmark refit (chosen on the real-scan benchmark, see README).  Residuals are in
+    millimetres (landmark pixels divided by the fit's pixels per mm), so the priors do not depend on
+    the photo's resolution."""
 
-    Alternates (1) a scaled-orthographic camera fitted to the landmarks and (2) the shape parameters
-    solved linearly, pulled toward the regressed ones with weight ``prior`` / std² (the regressor's own
-    parameter statistics).  On AFLW2000-3D this brings the mesh's landmarks to the regressor's
-    landmark-head accuracy (see README).
+    identity: float = REFIT_PRIOR  # × 1/std² of each identity parameter, pulling toward the regressor's
+    expression: float = EXPRESSION_PRIOR  # L2 weight of the expression weights (mm² per unit weight²)
+    sparsity: float = EXPRESSION_L1  # L1 weight of the (non-negative) expression weights
+    jaw: float = JAW_WEIGHT  # weight of the 17 jaw-line landmarks (silhouette points in profile)
+
+
+DEFAULT_PRIORS = RefitPriors()
+
+
+def _bounded_solve(a: np.ndarray, b: np.ndarray, n_free: int) -> np.ndarray:
+    """argmin |a x − b|² with x[:n_free] free and x[n_free:] in [0, 1].  The free block is eliminated by
+    its QR (what is left is a projected least squares in the bounded block), that block is solved by
+    NNLS, clipped at 1 (rarely reached), and the free block recovered: ~0.3 ms for 40 + 53 unknowns,
+    against ~10 ms for a general bounded solver."""
+    q, r = np.linalg.qr(a[:, :n_free])
+    rest = a[:, n_free:]
+    proj = rest - q @ (q.T @ rest)
+    e, _ = nnls(proj, b - q @ (q.T @ b))
+    e = np.minimum(e, 1.0)
+    free = np.linalg.solve(r, q.T @ (b - rest @ e))
+    return np.concatenate([free, e])
+
+
+def refit_to_landmarks(
+    fit: Fit,
+    landmarks: np.ndarray,
+    fm: FaceModel,
+    priors: RefitPriors = DEFAULT_PRIORS,
+    iters: int = 3,
+) -> Fit:
+    """Regularised least-squares refit of the camera, the 40 identity parameters and (when the face
+    model has them) the expression weights, each in [0, 1], to 68 2D landmarks.
+
+    Alternates (1) a scaled-orthographic camera fitted to the landmarks and (2) identity and
+    expression solved jointly, bounded, the identity pulled toward the regressor's estimate with
+    weight ``priors.identity`` / std², the expression toward neutral (L2 + L1, so few are used).  An
+    open mouth or a smile is so explained by expression, not by bending the identity.
     """
+    ex = fm.expressions
     basis = fm.basis_um[fm.keypoints].astype(np.float64) / 1000.0  # (68,3,40) mm
+    if ex is not None:
+        basis = np.concatenate([basis, ex.modes[:, fm.keypoints].transpose(1, 2, 0).astype(np.float64)], 2)
+    n_id = fm.basis_um.shape[2]
+    k = basis.shape[2]
     mean = fm.mean_um[fm.keypoints] / 1000.0  # (68,3) mm
-    alpha0 = fit.params[12:52].astype(np.float64)
-    alpha = alpha0.copy()
-    w = prior / fm.param_std[12:52].astype(np.float64) ** 2
+    x0 = np.zeros(k)
+    x0[:n_id] = fit.params[12:52]
+    x = x0.copy()
+    if fit.expression is not None and ex is not None:
+        x[n_id:] = fit.expression
+    prior = np.zeros(k)
+    prior[:n_id] = priors.identity / fm.param_std[12:52].astype(np.float64) ** 2
+    prior[n_id:] = priors.expression
+    target = x0.copy()  # the L1 term of the non-negative weights folds into the L2 target: −l1 / l2
+    target[n_id:] = -priors.sparsity / max(priors.expression, 1e-9)
+    lw = np.ones(68)
+    lw[:17] = priors.jaw
     lm = landmarks.astype(np.float64)
     a2 = fit.A[:2]
     b2 = fit.b[:2]
     for _ in range(iters):
-        v = mean + basis @ alpha
-        sol, *_ = np.linalg.lstsq(np.column_stack([v, np.ones(len(v))]), lm, rcond=None)
+        v = mean + basis @ x
+        sol, *_ = np.linalg.lstsq(
+            np.column_stack([v, np.ones(len(v))]) * lw[:, None], lm * lw[:, None], rcond=None
+        )
         u, sv, vt = np.linalg.svd(sol[:3].T, full_matrices=False)
         a2, b2 = sv.mean() * (u @ vt), sol[3]
-        jac = np.einsum("ij,kjl->kil", a2, basis).reshape(-1, basis.shape[2])
-        rhs = (lm - b2 - mean @ a2.T).reshape(-1)
-        alpha = np.linalg.solve(jac.T @ jac + np.diag(w), jac.T @ rhs + w * alpha0)
+        scale = sv.mean()
+        # landmark residuals in mm: (a2 / scale) · (mean + basis x) + b2 / scale ≈ lm / scale
+        jac = (np.einsum("ij,kjl->kil", a2, basis) * (lw / scale)[:, None, None]).reshape(-1, k)
+        rhs = (((lm - b2 - mean @ a2.T) / scale) * lw[:, None]).reshape(-1)
+        sq = np.sqrt(prior)
+        a_mat = np.vstack([jac, np.diag(sq)])
+        b_vec = np.concatenate([rhs, sq * target])
+        x = (
+            np.linalg.solve(a_mat.T @ a_mat, a_mat.T @ b_vec)
+            if ex is None
+            else _bounded_solve(a_mat, b_vec, n_id)
+        )
     scale = float(np.linalg.norm(a2[0]))
     row3 = np.cross(a2[0], a2[1]) / scale
     if np.dot(row3, fit.A[2]) < 0:
         row3 = -row3
     A = np.vstack([a2, row3])
     params = fit.params.copy()
-    params[12:52] = alpha
+    params[12:52] = x[:n_id]
+    expression = x[n_id:].astype(np.float32) if ex is not None else None
     return Fit(
         params=params,
         roi_box=fit.roi_box,
-        vertices=fm.shape_mm(alpha.astype(np.float32)),
+        vertices=fm.face_vertices(params[12:52], expression),
         A=A,
         b=np.array([b2[0], b2[1], fit.b[2]]),
         head_landmarks=fit.head_landmarks,
+        expression=expression,
     )
 
 
@@ -277,6 +445,7 @@ def fit_3dmm(
     net: MobileNetV1,
     passes: int = 2,
     refit: bool = True,
+    priors: RefitPriors = DEFAULT_PRIORS,
 ) -> Fit:
     """Regress the 3DMM from a crop around ``landmarks``; later passes re-crop from the fit's own 68.
 
@@ -290,6 +459,6 @@ def fit_3dmm(
         fit = decode(params[0], roi, fm)
         fit.head_landmarks = (lm[0] * ((roi[2] - roi[0]) / CROP_SIZE) + roi[:2]).astype(np.float32)
         if refit:
-            fit = refit_to_landmarks(fit, fit.head_landmarks, fm)
+            fit = refit_to_landmarks(fit, fit.head_landmarks, fm, priors)
         roi = roi_from_landmarks(fit.project(fit.vertices[fm.keypoints])[:, :2])
     return fit

@@ -20,7 +20,7 @@ from . import detect, morphable, render, texture
 from .errors import FG3DError
 from .image_io import load_image
 from .mobilenet import MobileNetV1
-from .morphable import FaceModel, Fit
+from .morphable import ExpressionModes, FaceModel, Fit, RefitPriors
 from .refine import FGNetRefiner
 
 ProgressFn = Callable[[str, float], None]
@@ -49,6 +49,8 @@ class Options:
 class Result:
     vertices: np.ndarray  # (53215,3) float32 mm, BFM frame (x right, y up, z toward viewer)
     vertices_coarse: np.ndarray  # the 3DMM shape before refinement (same as vertices if unrefined)
+    vertices_neutral: np.ndarray  # the 3DMM identity alone, without expression (mm)
+    expression: Dict[str, float]  # the fitted weight of each expression blendshape (ARKit names), [0, 1]
     triangles: np.ndarray  # (105954,3) int32, 0-based
     uvs: np.ndarray  # (53215,2) float32, OpenGL convention (v up)
     texture: np.ndarray  # (S,S,3) uint8 BGR
@@ -69,6 +71,13 @@ class Result:
     refined: bool
     source: str
     timings: Dict[str, float] = field(default_factory=dict)
+    blendshapes: Optional[ExpressionModes] = None  # the model's modes (names, (K,N,3) mm), shared
+
+    @property
+    def expression_weights(self) -> np.ndarray:
+        """The weights in ``blendshapes.names`` order (K,)."""
+        names = self.blendshapes.names if self.blendshapes is not None else []
+        return np.array([self.expression.get(n, 0.0) for n in names], np.float32)
 
 
 @dataclass
@@ -137,7 +146,8 @@ class Reconstructor:
     """Owns the models and runs the pipeline.  Models load on first use (thread-safe); one instance
     can serve many photos and threads."""
 
-    def __init__(self):
+    def __init__(self, priors: RefitPriors = morphable.DEFAULT_PRIORS):
+        self.priors = priors  # of the landmark refit (identity, expression)
         self._lock = threading.RLock()
         self._detector: Optional[detect.Detector] = None
         self._face_model: Optional[FaceModel] = None
@@ -182,7 +192,7 @@ class Reconstructor:
 
     def fit(self, image: np.ndarray, landmarks: np.ndarray, passes: int = 2, refit: bool = True) -> Fit:
         return morphable.fit_3dmm(
-            image, landmarks, self.face_model, self.regressor, passes=passes, refit=refit
+            image, landmarks, self.face_model, self.regressor, passes=passes, refit=refit, priors=self.priors
         )
 
     def refined_shape(self, image: np.ndarray, fit: Fit) -> Tuple[np.ndarray, bool]:
@@ -230,6 +240,9 @@ class Reconstructor:
         return Result(
             vertices=vertices,
             vertices_coarse=fit.vertices,
+            vertices_neutral=fm.shape_mm(fit.params[12:52]),
+            expression=fit.expression_named(fm),
+            blendshapes=fm.expressions,
             triangles=fm.triangles,
             uvs=fm.uvs,
             texture=tex,

@@ -183,6 +183,24 @@ def _restore(created: list) -> None:
             pass
 
 
+def _add_shape_keys(ob, result, neutral, coarse, refined, centre) -> None:
+    """``Basis`` = the neutral identity; one key per expression blendshape (ARKit names, values the
+    fitted weights, so any ARKit capture can drive them); ``FGNet`` on top = the refinement's
+    difference.  All keys together reproduce the reconstructed mesh."""
+    basis = ob.shape_key_add(name=KEY_BASIS, from_mix=False)
+    basis.interpolation = "KEY_LINEAR"
+    shapes = result.blendshapes
+    if shapes is not None:
+        for name, mode in zip(shapes.names, shapes.modes):
+            key = ob.shape_key_add(name=name, from_mix=False)
+            key.data.foreach_set("co", to_blender(neutral + mode, centre).ravel())
+            key.slider_min, key.slider_max = 0.0, 1.0
+            key.value = float(result.expression.get(name, 0.0))
+    key = ob.shape_key_add(name=KEY_FGNET, from_mix=False)
+    key.data.foreach_set("co", to_blender(neutral + (refined - coarse), centre).ravel())
+    key.slider_min, key.slider_max, key.value = 0.0, 1.0, 1.0
+
+
 def add_result(
     result,
     scene,
@@ -211,8 +229,9 @@ def add_result(
     try:
         coarse = np.asarray(result.vertices_coarse, np.float64)
         refined = np.asarray(result.vertices, np.float64)
+        neutral = np.asarray(result.vertices_neutral, np.float64)
         centre = 0.5 * (coarse.min(0) + coarse.max(0))
-        v_basis, v_refined = to_blender(coarse, centre), to_blender(refined, centre)
+        v_basis = to_blender(neutral, centre)
 
         me = bpy.data.meshes.new(base)
         created.append(me)
@@ -224,11 +243,7 @@ def add_result(
         created.append(ob)
         ob.location = Vector(tuple(location))
         collection.objects.link(ob)
-        basis = ob.shape_key_add(name=KEY_BASIS, from_mix=False)
-        basis.interpolation = "KEY_LINEAR"
-        key = ob.shape_key_add(name=KEY_FGNET, from_mix=False)
-        key.data.foreach_set("co", v_refined.ravel())
-        key.slider_min, key.slider_max, key.value = 0.0, 1.0, 1.0
+        _add_shape_keys(ob, result, neutral, coarse, refined, centre)
         if me.shape_keys is not None:
             me.shape_keys.use_relative = True
 
