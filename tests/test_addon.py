@@ -173,6 +173,9 @@ def test_zip_layout_extension_and_legacy(fg3d_addon_zip):
                 assert not any(m.split(".")[0] in ("training", "benchmarks") for m in mods), (n, mods)
     bundled = json.loads((ROOT / "models" / "assets.json").read_text())["bundled"]
     assert {f"fg3d_blender/models/{b['path']}" for b in bundled} <= names  # our own weights ship
+    assert (
+        "fg3d_blender/models/ICT_FACEKIT_LICENSE.txt" in names
+    )  # with the MIT notice of what they derive from
     assert manifest["id"] == "fg3d_blender" and manifest["type"] == "add-on"
     assert manifest["blender_version_min"] == "4.2.0" and "wheels" not in manifest  # --no-wheels
     from fg3d_blender import __version__

@@ -318,7 +318,12 @@ def write_model(out: Dict[str, object], models: Path, ict_dir: Path) -> dict:
     tmp = models / f".{FILE}.tmp.npz"
     np.savez_compressed(tmp, names=out["names"], modes=out["modes"], step_mm=np.float32(EXPRESSION_STEP_MM))
     tmp.replace(path)
-    (models / NOTICE).write_bytes((Path(ict_dir) / "LICENSE").read_bytes())
+    notice = (Path(ict_dir) / "LICENSE").read_text(encoding="utf-8")
+    (models / NOTICE).write_text(
+        f"models/{FILE} is derived from ICT-FaceKit (ICT-VGL/ICT-FaceKit, commit da5f95a, FaceXModel/).\n"
+        "Its licence, which has to travel with the derived file:\n\n" + notice,
+        encoding="utf-8",
+    )
     stats = out["stats"]
     entry = {
         "role": "expressions",
