@@ -63,7 +63,7 @@ class Batcher:
         self.uvm = UVModel(fm, size)
         self.shape_range = load_shape_range()
         self.kp_mean = fm.mean_mm[fm.keypoints].astype(np.float32)  # (68,3)
-        self.kp_basis = shape_basis(fm)[fm.keypoints]  # (68,3,40+K)
+        self.kp_basis = fm.keypoint_basis.astype(np.float32)  # (68,3,40+K)
 
     def keypoint_positions(self, coef: np.ndarray) -> np.ndarray:
         return self.kp_mean + self.kp_basis[:, :, : len(coef)] @ coef

@@ -204,6 +204,15 @@ class FaceModel:
         return ExpressionModes.load()
 
     @cached_property
+    def keypoint_basis(self) -> np.ndarray:
+        """(68,3,40+K) float64 mm per unit coefficient at the 68 landmarks: identity, then expression."""
+        basis = self.basis_um[self.keypoints].astype(np.float64) / 1000.0
+        if self.expressions is not None:
+            modes = self.expressions.modes[:, self.keypoints].transpose(1, 2, 0).astype(np.float64)
+            basis = np.concatenate([basis, modes], 2)
+        return basis
+
+    @cached_property
     def face_region(self) -> np.ndarray:
         """Boolean mask of the mean's vertices within FACE_RADIUS_MM of the nose tip (landmark 30)."""
         tip = self.mean_mm[self.keypoints[30]]
@@ -379,9 +388,7 @@ def refit_to_landmarks(
     open mouth or a smile is so explained by expression, not by bending the identity.
     """
     ex = fm.expressions
-    basis = fm.basis_um[fm.keypoints].astype(np.float64) / 1000.0  # (68,3,40) mm
-    if ex is not None:
-        basis = np.concatenate([basis, ex.modes[:, fm.keypoints].transpose(1, 2, 0).astype(np.float64)], 2)
+    basis = fm.keypoint_basis  # (68,3,40+K) mm
     n_id = fm.basis_um.shape[2]
     k = basis.shape[2]
     mean = fm.mean_um[fm.keypoints] / 1000.0  # (68,3) mm
