@@ -2,7 +2,9 @@
 ``bench …`` and ``train-fgnet …`` (the ``benchmarks`` and ``training`` packages beside this one; the
 add-on zip holds neither).
 
-User errors print one line on stderr (``fg3d: error: …``) and exit 1; nothing is left half-written.
+User errors print one line on stderr (``fg3d: error: …``) and exit 1 (argument errors: exit 2);
+nothing is left half-written, also when the run is stopped by Ctrl-C (exit 130) or SIGTERM (exit 143).
+In a batch, a photo that fails, even by an unexpected internal error, does not stop the others.
 Set ``FG3D_DEBUG=1`` to see tracebacks of unexpected failures.
 """
 
@@ -13,6 +15,7 @@ import importlib
 import importlib.util
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -22,8 +25,9 @@ import cv2
 
 from .core.assets import cache_dir, fetch_assets
 from .core.errors import FG3DError
-from .core.export import check_formats, check_output_dir, write_outputs
+from .core.export import check_formats, check_output_dir, fit_stem, write_outputs
 from .core.image_io import list_photos
+from .core.texture import TEXTURE_SIZES
 from .operators.blend_writer import require_bpy, write_blend
 
 #: Commands whose code lives beside the package (a checkout): name → (module, help).
@@ -36,6 +40,43 @@ CHECKOUT_COMMANDS = {
 
 def _err(msg: str) -> None:
     print(f"fg3d: error: {' '.join(str(msg).split())}", file=sys.stderr)
+
+
+def _internal(exc: BaseException) -> str:
+    return f"internal error ({type(exc).__name__}: {exc}); rerun with FG3D_DEBUG=1 and report it"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as one ``fg3d: error:`` line (exit 2) instead of the usage block."""
+
+    def error(self, message: str):
+        _err(f"{message} (see {self.prog} --help)")
+        sys.exit(2)
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so every ``finally`` and abort path runs (no .part left)."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
+def _int_in(lo: int, hi: int, allowed=None):
+    """An argparse type: an integer in [lo, hi] (and in ``allowed`` when given), with a one-line error."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if allowed is not None and value not in allowed:
+            raise argparse.ArgumentTypeError(f"{value} is not one of {', '.join(map(str, allowed))}")
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{value} is outside {lo}…{hi}")
+        return value
+
+    return parse
 
 
 def _expand(paths: List[str]) -> List[Path]:
@@ -97,12 +138,11 @@ def cmd_reconstruct(args) -> int:
     out_dir = Path(args.output)
     check_output_dir(out_dir)
     bar = _Progress(len(photos), enabled=len(photos) > 1 and not args.quiet)
-    reports, used = [], set()
+    reports, used, internal = [], set(), 0
     for i, photo in enumerate(photos):
-        stem = photo.stem or "face"
-        k = 2
+        stem, k = fit_stem(photo.stem or "face"), 2  # every output name fits the 255-byte limit
         while stem in used:
-            stem, k = f"{photo.stem}_{k}", k + 1
+            stem, k = fit_stem(photo.stem or "face", f"_{k}"), k + 1
         used.add(stem)
         try:
             result = reconstruct(
@@ -115,13 +155,15 @@ def cmd_reconstruct(args) -> int:
                     f"{photo}: {len(files)} files in {out_dir} "
                     f"({result.timings['total']:.0f} ms, yaw {result.pose['yaw']:+.0f}°)"
                 )
-        except FG3DError as exc:
-            if len(photos) == 1:
+        except Exception as exc:  # noqa: BLE001 - one photo's failure, whatever it is, ends only that photo
+            if len(photos) == 1 or (os.environ.get("FG3D_DEBUG") and not isinstance(exc, FG3DError)):
                 raise
-            reports.append({"photo": str(photo), "ok": False, "error": str(exc)})
+            internal += not isinstance(exc, FG3DError)
+            message = str(exc) if isinstance(exc, FG3DError) else f"{photo}: {_internal(exc)}"
+            reports.append({"photo": str(photo), "ok": False, "error": message})
             if bar.enabled:
                 sys.stderr.write("\n")
-            _err(str(exc))
+            _err(message)
         bar.update(i + 1, photo.name)
     n_ok = sum(r["ok"] for r in reports)
     if len(photos) > 1 and not args.quiet:
@@ -132,7 +174,7 @@ def cmd_reconstruct(args) -> int:
         )
     if args.json:
         print(json.dumps({"ok": n_ok, "failed": len(photos) - n_ok, "results": reports}))
-    return 0 if n_ok == len(photos) else 1
+    return 0 if n_ok == len(photos) else 3 if internal else 1
 
 
 def cmd_demo(args) -> int:
@@ -171,7 +213,7 @@ def _checkout_module(command: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="python -m fg3d_blender",
         description="One photo of a face → a textured, editable 3D face mesh (FGNet).",
     )
@@ -184,9 +226,17 @@ def build_parser() -> argparse.ArgumentParser:
         default="obj,glb",
         help="comma list of obj,glb,ply,npz,blend (default obj,glb; blend needs bpy)",
     )
-    r.add_argument("--face-index", type=int, default=None, metavar="N", help="0 = largest face (default)")
+    r.add_argument(
+        "--face-index", type=_int_in(0, 999), default=None, metavar="N", help="0 = largest face (default)"
+    )
     r.add_argument("--no-refine", action="store_true", help="skip the FGNet refinement (coarse 3DMM only)")
-    r.add_argument("--texture-size", type=int, default=1024, choices=[256, 512, 1024, 2048])
+    r.add_argument(
+        "--texture-size",
+        type=_int_in(min(TEXTURE_SIZES), max(TEXTURE_SIZES), TEXTURE_SIZES),
+        default=1024,
+        metavar="|".join(map(str, TEXTURE_SIZES)),
+        help="texture width and height in pixels (default 1024)",
+    )
     r.add_argument("--no-extras", action="store_true", help="skip the depth, PNCC and preview PNGs")
     r.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     r.add_argument("-q", "--quiet", action="store_true")
@@ -209,6 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = None
+    try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread (an embedding host): its own handler stays
+        pass
     try:
         return args.func(args)
     except FG3DError as exc:
@@ -217,8 +272,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         _err("interrupted")
         return 130
+    except _Terminated:
+        _err("terminated")
+        return 143
     except Exception as exc:  # noqa: BLE001 - users get one line; FG3D_DEBUG=1 shows the traceback
         if os.environ.get("FG3D_DEBUG"):
             raise
-        _err(f"internal error ({type(exc).__name__}: {exc}); rerun with FG3D_DEBUG=1 and report it")
+        _err(_internal(exc))
         return 3
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

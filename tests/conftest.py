@@ -17,6 +17,12 @@ Fixtures (generic, usable by every test module):
   PYTHONPATH, asset mirror set, one thread per library: one photo needs no more, and the CLI runs
   must not compete with the test process for the CI's two cores).
 * ``run_cli``      — ``run_cli(*args, cwd=None) -> CompletedProcess`` (text, captured output).
+* ``unwritable_dir``— an existing folder this process cannot write (a read-only tmpfs as root, who
+  ignores file modes; mode 0555 otherwise).
+
+Helper (``from conftest import check_one_error_line``): ``check_one_error_line(proc, out_dir, *needles)``
+asserts a failed run printed exactly one ``fg3d: error:`` line holding each needle, no traceback, and
+left nothing in ``out_dir``.
 """
 
 from __future__ import annotations
@@ -98,3 +104,35 @@ def run_cli(cli_env):
         )
 
     return run
+
+
+def check_one_error_line(proc, out_dir: Path, *needles: str) -> str:
+    """A failed CLI run: exactly one ``fg3d: error:`` line with every needle, no traceback, no files."""
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("fg3d: error: ")
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    assert not out_dir.exists() or not list(out_dir.iterdir()), list(out_dir.iterdir())
+    return lines[0]
+
+
+@pytest.fixture
+def unwritable_dir(tmp_path):
+    """An existing folder this process cannot write: read-only tmpfs as root, mode 0555 otherwise."""
+    d = tmp_path / "ro"
+    d.mkdir()
+    if os.geteuid() != 0:
+        d.chmod(0o555)
+        yield d
+        d.chmod(0o755)
+        return
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(d)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"root cannot mount a read-only tmpfs here: {r.stderr.decode().strip()}")
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", "-l", str(d)], check=False)

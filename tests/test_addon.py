@@ -475,6 +475,42 @@ def test_preferences_folders_drive_fetch_assets(fg3d_bpy, tmp_path):
                 os.environ[k] = v
 
 
+def test_a_corrupt_or_misplaced_cache_chosen_in_preferences_gives_one_line(fg3d_bpy, tmp_path):
+    """The Asset cache folder preference changes within one Blender session: the next Reconstruct
+    verifies the assets of the new folder (a corrupt weights file there is found; the models loaded
+    from the default cache by the tests before are not reused), and a folder path that is a file is one
+    line; the scene is unchanged either way."""
+    bpy = fg3d_bpy
+    prefs = bpy.context.preferences.addons[EXT_ID].preferences
+    saved_env = {k: os.environ.get(k) for k in ("FG3D_CACHE_DIR", "FG3D_ASSET_MIRROR")}
+    bad = tmp_path / "bad-cache"
+    shutil.copytree(SHARED / "models", bad, ignore=shutil.ignore_patterns("eos"))
+    w = bad / "3ddfa_v2" / "mb05_120x120.pth"
+    data = bytearray(w.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    w.write_bytes(bytes(data))
+    blocker = tmp_path / "cache-file"
+    blocker.write_text("x")
+    before = _counts(bpy)
+    try:
+        os.environ["FG3D_ASSET_MIRROR"] = ""
+        prefs.cache_dir = str(bad)
+        with pytest.raises(RuntimeError, match="mb05_120x120.pth .*corrupt") as info:
+            bpy.ops.fg3d.reconstruct(filepath=str(PHOTO), refine=False, texture_size="256")
+        assert "\n" not in str(info.value).strip() and "Traceback" not in str(info.value)
+        prefs.cache_dir = str(blocker)
+        with pytest.raises(RuntimeError, match="is a file, not a folder"):
+            bpy.ops.fg3d.reconstruct(filepath=str(PHOTO), refine=False, texture_size="256")
+        assert _counts(bpy) == before
+    finally:
+        prefs.cache_dir = ""
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 _LEGACY_SCRIPT = textwrap.dedent("""
     import json, os, sys
     zip_path, photo, noface = sys.argv[-3:]

@@ -75,7 +75,7 @@ def test_asset_is_copied_from_the_mirror_on_first_use(empty_cache, shared_dir):
     p = assets.asset_path("beyond3dmm/keypoints68.mat")
     assert p == empty_cache / "beyond3dmm" / "keypoints68.mat"
     assert assets.sha256_of(p) == assets.manifest()["beyond3dmm/keypoints68.mat"]["sha256"]
-    assert not [q for q in p.parent.iterdir() if q.name.startswith(".part-")]
+    assert not [q for q in p.parent.iterdir() if q.name.endswith(".part")]
 
 
 def test_corrupt_asset_gives_one_line_naming_file_and_fix(empty_cache, shared_dir):
@@ -104,7 +104,7 @@ def test_fetch_assets_from_mirror_installs_every_required_file(empty_cache):
         assert assets.sha256_of(empty_cache / rel) == assets.manifest()[rel]["sha256"]
     assert not (empty_cache / "eos").exists()  # optional files only on request
     assert assets.fetch_assets() == 0  # idempotent
-    leftovers = [p for p in empty_cache.rglob("*") if p.name.startswith(".part-")]
+    leftovers = [p for p in empty_cache.rglob("*") if p.name.endswith(".part")]
     assert not leftovers
 
 
@@ -180,14 +180,15 @@ def test_torch_checkpoint_loading_refuses_code(tmp_path):
     marker = tmp_path / "pwned"
     ck = tmp_path / "evil.pth"
     torch.save({"state_dict": {"x": torch.zeros(1)}, "hook": _Evil(marker)}, ck)
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(FG3DError, match="only plain weight files") as err:
         load_regressor(ck)
+    assert "weights_only" not in str(err.value)  # never suggest loading it unsafely
     assert not marker.exists()
 
 
 def test_every_torch_load_uses_weights_only():
     calls = []
-    for py in (REPO / "fg3d_blender").rglob("*.py"):
+    for py in [p for d in ("fg3d_blender", "training", "benchmarks") for p in (REPO / d).rglob("*.py")]:
         text = py.read_text(encoding="utf-8")
         for m in re.finditer(r"torch\.load\(", text):
             depth, end = 1, m.end()
@@ -198,6 +199,7 @@ def test_every_torch_load_uses_weights_only():
     assert calls, "no torch.load found: the test must be updated"
     for name, call in calls:
         assert re.search(r"weights_only\s*=\s*True", call), f"{name}: {call}"
+    assert {name for name, _ in calls} == {"checkpoint.py"}, "every torch.load goes through read_checkpoint"
 
 
 def test_pickled_assets_load_as_plain_arrays():

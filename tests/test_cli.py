@@ -14,6 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from conftest import check_one_error_line
 
 from fg3d_blender.core.geometry import nme
 
@@ -71,18 +72,6 @@ def good_photos(tmp_path_factory, upright, example_photo):
     junk = np.random.default_rng(0).integers(0, 256, 200_000, dtype=np.uint8).tobytes()
     p["trailer"] = write_bytes(d / "motion_photo.jpg", jpeg_bytes(upright) + junk)
     return d, p
-
-
-def check_one_error_line(proc, out_dir: Path, *needles: str):
-    assert proc.returncode != 0, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("fg3d: error: ")
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    assert not out_dir.exists() or not list(out_dir.iterdir()), list(out_dir.iterdir())
-    return lines[0]
 
 
 # ---- bad input: one clear line, nothing written ---------------------------------------------------

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fg3d_blender.core import detect, fgnet_inputs, render
+from fg3d_blender.core.errors import FG3DError
 from fg3d_blender.core.fgnet import FGNet, load_checkpoint
 from fg3d_blender.core.image_io import load_image
 from fg3d_blender.core.pipeline import default_reconstructor
@@ -119,7 +120,7 @@ def test_seed_format_checkpoint_loads_strict(tmp_path):
     # a checkpoint of another architecture must not load silently
     bad = {"state_dict": {"module." + k: v for k, v in list(src.state_dict().items())[:-1]}}
     torch.save(bad, tmp_path / "bad.pth.tar")
-    with pytest.raises(RuntimeError):
+    with pytest.raises(FG3DError, match="does not hold FGNet weights"):
         load_checkpoint(tmp_path / "bad.pth.tar")
 
 

@@ -13,6 +13,7 @@ import torch
 
 from fg3d_blender.cli import main
 from fg3d_blender.core import detect
+from fg3d_blender.core.errors import FG3DError
 from fg3d_blender.core.fgnet import load_checkpoint
 from fg3d_blender.core.fgnet_inputs import fgnet_inputs
 from fg3d_blender.core.image_io import list_photos, load_image
@@ -148,7 +149,7 @@ def test_train_fgnet_command_builds_cache_trains_and_resumes(tmp_path):
     old = dict(np.load(shard))
     old["version"] = np.array(cache.CACHE_VERSION - 1)
     np.savez(shard, **old)
-    with pytest.raises(ValueError, match="older version"):
+    with pytest.raises(FG3DError, match="older version"):
         cache.load_cache(tmp_path / "w.cache")
     # and rebuilt when the photos are given again (only that shard)
     cache.build_cache(REC, list_photos(photos), tmp_path / "w.cache", 64, log=lambda m: None)

@@ -20,6 +20,7 @@ import cv2
 import numpy as np
 
 from fg3d_blender.core import detect, render
+from fg3d_blender.core.errors import FG3DError
 from fg3d_blender.core.fgnet_inputs import fgnet_inputs, load_shape_range
 from fg3d_blender.core.geometry import sh_basis
 from fg3d_blender.core.image_io import load_image
@@ -100,6 +101,7 @@ def build_cache(
     shape_range = load_shape_range()
     cache.mkdir(parents=True, exist_ok=True)
     n_shards = math.ceil(len(photos) / SHARD)
+    total = {"faces": 0, "skipped": 0, "no face": 0, "built": 0}
     for si in range(worker, n_shards, workers):
         out = cache / f"shard_{si:03d}.npz"
         if out.is_file() and shard_meta(out) == (CACHE_VERSION, size, ""):
@@ -115,6 +117,7 @@ def build_cache(
                 continue
             faces = rec.faces(img, use_cnn=False)
             if not faces:
+                total["no face"] += 1
                 continue
             face = detect.nearest_face(faces, (side / 2, side / 2))
             recs.append(cache_one(rec, img, face.landmarks, size, shape_range))
@@ -125,6 +128,15 @@ def build_cache(
         log(
             f"cache shard {si + 1}/{n_shards}: {len(recs)} faces of {len(part)} photos "
             f"({skipped} unreadable or not {side}×{side}) in {time.perf_counter() - t0:.0f} s"
+        )
+        total["faces"] += len(recs)
+        total["skipped"] += skipped
+        total["built"] += len(part)
+    if total["skipped"] or total["no face"]:
+        log(
+            f"of {total['built']} photos cached now, {total['skipped']} were skipped as unreadable or not "
+            f"{side}×{side} (train-fgnet takes aligned {side}×{side} face crops, as UTKFace's) and "
+            f"{total['no face']} showed no face"
         )
 
 
@@ -155,17 +167,20 @@ def shard_meta(path: Path) -> tuple:
 def load_cache(cache: Path, pattern: str = "shard_*.npz") -> dict:
     files = sorted(cache.glob(pattern))
     if not files:
-        raise FileNotFoundError(cache)
+        raise FG3DError(f"{cache}: no training cache there (pass --photos to build it)")
     old = [f.name for f in files if shard_meta(f)[0] != CACHE_VERSION]
     if old:
-        raise ValueError(
+        raise FG3DError(
             f"cache {cache} was built by an older version ({', '.join(old[:3])}…); "
             f"delete the folder, or pass --photos, to rebuild it"
         )
     parts = [dict(np.load(f, allow_pickle=False)) for f in files]
     parts = [p for p in parts if len(p["names"])]
     if not parts:
-        raise ValueError(f"cache {cache} holds no faces")
+        raise FG3DError(
+            f"cache {cache} holds no faces: train-fgnet takes aligned 200×200 face crops (as UTKFace's); "
+            "photos of other sizes, unreadable ones and those without a face are skipped (see the log)"
+        )
     out = {
         k: np.concatenate([p[k] for p in parts]) for k in parts[0] if k not in ("size", "version", "teacher")
     }

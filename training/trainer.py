@@ -24,6 +24,8 @@ import numpy as np
 import torch
 
 from fg3d_blender.core.assets import sha256_of, write_bundled
+from fg3d_blender.core.checkpoint import load_state, read_checkpoint
+from fg3d_blender.core.errors import FG3DError
 from fg3d_blender.core.fgnet import FGNet, load_checkpoint
 from fg3d_blender.core.fgnet_inputs import PAF_K
 from fg3d_blender.core.image_io import list_photos
@@ -89,7 +91,7 @@ def train(
         build_cache(rec, list_photos(photos), cache, size, log=log)  # resumable: finished shards are kept
     data = load_cache(cache)
     if data["size"] != size:
-        raise ValueError(f"cache {cache} was built at UV size {data['size']}, not {size}")
+        raise FG3DError(f"cache {cache} was built at UV size {data['size']}, not {size}; use another --cache")
     hold = np.array([is_holdout(str(n)) for n in data["names"]])
     train_idx, held_idx = np.flatnonzero(~hold), np.flatnonzero(hold)
     log(
@@ -127,10 +129,13 @@ def train(
     ckpt = out.with_name(out.name + ".ckpt")
     step, history = 0, []
     if resume and ckpt.is_file():
-        ck = torch.load(ckpt, map_location=device, weights_only=True)
-        net.load_state_dict(ck["state_dict"])
-        opt.load_state_dict(ck["optimizer"])
-        step, history = int(ck["step"]), json.loads(ck["history"])
+        ck = read_checkpoint(ckpt, "training checkpoint (--resume)")
+        try:
+            load_state(net, ck["state_dict"], ckpt, f"FGNet width {width}")
+            opt.load_state_dict(ck["optimizer"])
+            step, history = int(ck["step"]), json.loads(ck["history"])
+        except (KeyError, TypeError, ValueError):
+            raise FG3DError(f"{ckpt}: not a checkpoint of train-fgnet; delete it to start afresh") from None
         log(f"resumed from {ckpt} at step {step}")
     rng = np.random.default_rng(seed + step)
     t0, seen = time.perf_counter(), 0
@@ -223,7 +228,7 @@ def train(
 def install_weights(src: Path, models: Path, name: Optional[str] = None) -> dict:
     """Copy trained weights into ``models/`` and record them (role ``fgnet``: file, sha256, width, UV size,
     …) in ``models/assets.json``; returns the manifest entry."""
-    ck = torch.load(src, map_location="cpu", weights_only=True)
+    ck = read_checkpoint(src, "trained FGNet file")
     name = name or f"fgnet_w{int(ck['width'])}_uv{int(ck['uv_size'])}.pt"
     dst = models / name
     if Path(src).resolve() != dst.resolve():

@@ -8,17 +8,19 @@ pipeline loads them for and their ``meta``data), verified the same way by ``bund
 by ``$FG3D_ASSET_MIRROR`` (same relative layout), checking every sha256.  ``asset_path`` returns a
 verified path or raises one clear line.  Pickles are read once with a restricted unpickler that admits
 only dicts and numpy arrays and are cached as ``.npz``; nothing foreign is ever unpickled freely.
+Arrays computed from the assets (``load_derived``) are cached with a sha256 beside them: a damaged or
+tampered file is rebuilt, and a read-only cache only means they are recomputed in memory.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import io
 import json
 import os
 import pickle
 import shutil
-import tempfile
 import urllib.request
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Optional
@@ -26,6 +28,7 @@ from typing import Callable, Dict, Iterable, Optional
 import numpy as np
 from numpy.core.multiarray import _reconstruct  # what numpy's array pickles call
 
+from .atomic import atomic_file, remove_stale
 from .errors import FG3DError
 
 MIRROR_ENV = "FG3D_ASSET_MIRROR"
@@ -77,18 +80,31 @@ def write_bundled(models: Path, entry: dict) -> None:
     """Record ``entry`` (``role``, ``path``, …) in ``models/assets.json``, replacing that role's entry."""
     data = _manifest_data(models)
     data["bundled"] = [b for b in data.get("bundled", []) if b["role"] != entry["role"]] + [entry]
-    tmp = models / f".{MANIFEST}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, models / MANIFEST)
+    with atomic_file(models / MANIFEST) as tmp:
+        tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
 
 
 def cache_dir() -> Path:
     """Asset cache: ``$FG3D_CACHE_DIR``, else ``$XDG_CACHE_HOME/fg3d_blender``, else
-    ``~/.cache/fg3d_blender``."""
+    ``~/.cache/fg3d_blender``.  FG3DError when that path is a file."""
     if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "fg3d_blender"
+        path = Path(os.environ[CACHE_ENV]).expanduser()
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        path = Path(base) / "fg3d_blender"
+    if path.exists() and not path.is_dir():
+        raise FG3DError(
+            f"the asset cache {path} is a file, not a folder; set {CACHE_ENV} (in Blender: the add-on's "
+            "Asset cache folder) to a folder"
+        )
+    return path
+
+
+def _cache_error(path: Path, exc: OSError) -> FG3DError:
+    return FG3DError(
+        f"cannot write to the asset cache {path} ({exc.strerror or exc}); set {CACHE_ENV} (in Blender: "
+        "the add-on's Asset cache folder) to a folder you can write"
+    )
 
 
 def sha256_of(path: Path) -> str:
@@ -99,7 +115,7 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-_verified: Dict[str, Path] = {}
+_verified: Dict[Path, float] = {}  # verified asset files → their mtime when verified
 
 
 def _how_to_get(rel: str) -> str:
@@ -111,12 +127,15 @@ def _how_to_get(rel: str) -> str:
 
 def asset_path(rel: str) -> Path:
     """Verified local path of a manifest asset; raises FG3DError naming the file, the place and the fix."""
-    if rel in _verified:
-        return _verified[rel]
+    path = cache_dir() / rel
+    try:
+        if _verified.get(path) == path.stat().st_mtime:  # the same file, unchanged since it was checked
+            return path
+    except OSError:
+        pass
     entry = manifest().get(rel)
     if entry is None:
         raise FG3DError(f"unknown asset {rel!r} (not in models/assets.json)")
-    path = cache_dir() / rel
     if not path.is_file():
         mirror = os.environ.get(MIRROR_ENV)
         if mirror and (Path(mirror) / rel).is_file():
@@ -124,51 +143,65 @@ def asset_path(rel: str) -> Path:
         else:
             where = f"{path}" + (f" or {Path(mirror) / rel}" if mirror else "")
             raise FG3DError(f"asset {rel} is missing (looked in {where}); {_how_to_get(rel)}")
-    if path.stat().st_size != entry["size"] or sha256_of(path) != entry["sha256"]:
+    stat = path.stat()
+    if stat.st_size != entry["size"] or sha256_of(path) != entry["sha256"]:
         raise FG3DError(
             f"asset {rel} at {path} is corrupt (sha256 mismatch); delete it and " + _how_to_get(rel)
         )
-    _verified[rel] = path
+    _verified[path] = stat.st_mtime
     return path
+
+
+def _mirror() -> Optional[Path]:
+    """The mirror folder named by ``$FG3D_ASSET_MIRROR``; FG3DError when it is set but not a folder."""
+    mirror = os.environ.get(MIRROR_ENV)
+    if not mirror:
+        return None
+    if not Path(mirror).is_dir():
+        raise FG3DError(f"{MIRROR_ENV}={mirror}: no such folder (unset it to download from upstream)")
+    return Path(mirror)
 
 
 def _install_one(entry: dict, progress: Optional[Callable[[str], None]]) -> Path:
     rel = entry["path"]
     dest = cache_dir() / rel
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    mirror = os.environ.get(MIRROR_ENV)
-    fd, tmp = tempfile.mkstemp(prefix=".part-", dir=dest.parent)
-    os.close(fd)
+    mirror = _mirror()
+    if mirror and not (mirror / rel).is_file():
+        raise FG3DError(f"asset {rel} is not in the mirror {mirror} (set by {MIRROR_ENV})")
     try:
-        if mirror:
-            src = Path(mirror) / rel
-            if not src.is_file():
-                raise FG3DError(f"asset {rel} is not in the mirror {mirror} (set by {MIRROR_ENV})")
-            if progress:
-                progress(f"copy {rel} from {mirror}")
-            shutil.copyfile(src, tmp)
-        else:
-            if progress:
-                progress(f"download {rel} ({entry['size']} bytes)")
-            try:
-                with urllib.request.urlopen(entry["url"], timeout=60) as r, open(tmp, "wb") as f:
-                    shutil.copyfileobj(r, f)
-            except OSError as exc:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale(dest.parent)
+        with atomic_file(dest) as tmp:
+            if mirror:
+                if progress:
+                    progress(f"copy {rel} from {mirror}")
+                shutil.copyfile(mirror / rel, tmp)
+            else:
+                if progress:
+                    progress(f"download {rel} ({entry['size']} bytes)")
+                _download(entry, tmp)
+            digest = sha256_of(tmp)
+            if digest != entry["sha256"]:
                 raise FG3DError(
-                    f"could not download {rel} from {entry['url']}: {exc}; "
-                    f"set {MIRROR_ENV} to a folder that holds the model files"
-                ) from None
-        digest = sha256_of(Path(tmp))
-        if digest != entry["sha256"]:
-            raise FG3DError(
-                f"asset {rel} has sha256 {digest[:12]}…, expected {entry['sha256'][:12]}…; "
-                "the source is corrupt or changed"
-            )
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+                    f"asset {rel} has sha256 {digest[:12]}…, expected {entry['sha256'][:12]}…; "
+                    "the source is corrupt or changed"
+                )
+    except OSError as exc:
+        raise _cache_error(dest.parent, exc) from None
     return dest
+
+
+def _download(entry: dict, tmp: Path) -> None:
+    try:
+        with urllib.request.urlopen(entry["url"], timeout=60) as r, open(tmp, "wb") as f:
+            shutil.copyfileobj(r, f)
+    except OSError as exc:
+        if isinstance(exc, PermissionError) or getattr(exc, "errno", None) in (28, 30):  # ENOSPC, EROFS
+            raise
+        raise FG3DError(
+            f"could not download {entry['path']} from {entry['url']}: {exc}; "
+            f"set {MIRROR_ENV} to a folder that holds the model files"
+        ) from None
 
 
 def fetch_assets(
@@ -178,6 +211,7 @@ def fetch_assets(
 ) -> int:
     """Make every required asset present and verified in the cache; returns how many were installed."""
     installed = 0
+    _mirror()  # a mirror that is not there: one line before anything is made
     wanted = set(only) if only is not None else None
     for rel, entry in manifest().items():
         if wanted is not None and rel not in wanted:
@@ -225,24 +259,54 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
 
 
 def load_pickled_arrays(rel: str) -> Dict[str, np.ndarray]:
-    """Read a foreign pickle of a dict of arrays once (restricted) and cache it as .npz beside it."""
+    """Read a foreign pickle of a dict of arrays once (restricted) and cache it as a derived .npz."""
     src = asset_path(rel)
-    npz = src.with_suffix(".npz")
-    if not npz.is_file() or npz.stat().st_mtime < src.stat().st_mtime:
+    entry = manifest()[rel]
+
+    def unpickle() -> Dict[str, np.ndarray]:
         with open(src, "rb") as f:
             data = _ArrayOnlyUnpickler(f, encoding="latin1").load()
         if not isinstance(data, dict) or not all(isinstance(v, np.ndarray) for v in data.values()):
             raise FG3DError(f"asset {rel} is not a dict of arrays")
-        fd, tmp = tempfile.mkstemp(suffix=".npz", dir=npz.parent)
-        os.close(fd)
-        np.savez(tmp, **data)
-        os.replace(tmp, npz)
-    with np.load(npz, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+        return data
+
+    name = f"{Path(rel).stem}.{entry['sha256'][:12]}.npz"  # a new asset version gets a new file
+    return load_derived(name, unpickle)
 
 
 def derived_path(name: str) -> Path:
-    """Where arrays computed once from the assets are cached."""
+    """Where arrays computed once from the assets are cached (the folder is made when it can be)."""
     d = cache_dir() / "derived"
-    d.mkdir(parents=True, exist_ok=True)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError:  # a read-only cache: load_derived then works in memory
+        pass
     return d / name
+
+
+def load_derived(name: str, build: Callable[[], Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
+    """The arrays cached as ``derived/<name>``, or ``build()``'s, which are then cached.
+
+    Each file has its sha256 in ``<name>.sha256``; a file that does not match (damaged, tampered, half
+    copied) or does not load is rebuilt.  When the cache cannot be written (read-only, full) the arrays
+    are returned all the same, and built again next time."""
+    path = derived_path(name)
+    digest_file = path.with_name(path.name + ".sha256")
+    try:
+        if path.is_file() and digest_file.read_text(encoding="ascii").strip() == sha256_of(path):
+            with np.load(path, allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, KeyError):  # unreadable or not an npz: build it again
+        pass
+    arrays = build()
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    try:
+        remove_stale(path.parent)
+        with atomic_file(path) as tmp:
+            tmp.write_bytes(buf.getbuffer())
+        with atomic_file(digest_file) as tmp:
+            tmp.write_text(hashlib.sha256(buf.getbuffer()).hexdigest() + "\n", encoding="ascii")
+    except (OSError, FG3DError):
+        pass
+    return arrays

@@ -1,57 +1,29 @@
 """Outputs: OBJ (+MTL + texture PNG), GLB, PLY, NPZ, and depth / PNCC / preview PNGs.
 
-Every file is first written under a hidden temporary name in the output folder and renamed only when
-all of them are complete, so a failure never leaves a partial file behind.  OBJ and PLY are in
-millimetres, GLB in metres (glTF's unit); all are in the canonical BFM frame (y up, face toward +z).
+Every file is first written under a short hidden temporary name in the output folder and renamed only
+when all of them are complete (``atomic.AtomicWriter``), so a failure never leaves a partial file
+behind.  OBJ and PLY are in millimetres, GLB in metres (glTF's unit); all are in the canonical BFM
+frame (y up, face toward +z).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import struct
-import tempfile
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional
 
 import cv2
 import numpy as np
 
+from .atomic import NAME_MAX, AtomicWriter, remove_stale, temp_file
 from .errors import FG3DError
 from .render import interpolate, render_face
 
 FORMATS = ("obj", "glb", "ply", "npz")
 EXTRAS = ("depth", "pncc", "preview")
-
-
-class AtomicWriter:
-    """Collects files as temporaries; ``commit`` renames them all, ``abort`` deletes them."""
-
-    def __init__(self, out_dir: Path):
-        self.out_dir = Path(out_dir)
-        self.pending: List[tuple] = []
-
-    def path(self, name: str) -> str:
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=self.out_dir)
-        os.close(fd)
-        self.pending.append((tmp, self.out_dir / name))
-        return tmp
-
-    def commit(self) -> List[Path]:
-        done = []
-        for tmp, final in self.pending:
-            os.replace(tmp, final)
-            done.append(final)
-        self.pending = []
-        return done
-
-    def abort(self):
-        for tmp, _ in self.pending:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-        self.pending = []
 
 
 def png_bytes(img: np.ndarray) -> bytes:
@@ -209,25 +181,29 @@ def write_glb(path: str, result) -> None:
 
 
 def write_npz(path: str, result) -> None:
+    """The arrays as a compressed .npz, built in memory first: a full disk then fails in one ``write``
+    (a zip file being written to disk that fails would also fail again in its finaliser)."""
+    buf = io.BytesIO()
+    np.savez_compressed(
+        buf,
+        vertices=result.vertices,
+        vertices_coarse=result.vertices_coarse,
+        triangles=result.triangles,
+        uvs=result.uvs,
+        landmarks_2d=result.landmarks_2d,
+        landmarks_3d=result.landmarks_3d,
+        pose=np.array([result.pose["yaw"], result.pose["pitch"], result.pose["roll"]], dtype=np.float32),
+        camera_A=result.camera["A"],
+        camera_b=result.camera["b"],
+        params=result.params,
+        vertices_neutral=result.vertices_neutral,
+        expression_names=np.array(list(result.expression), dtype=str),
+        expression_weights=np.array(list(result.expression.values()), dtype=np.float32),
+        image_vertices=result.image_vertices,
+        refined=np.array(result.refined),
+    )
     with open(path, "wb") as f:
-        np.savez_compressed(
-            f,
-            vertices=result.vertices,
-            vertices_coarse=result.vertices_coarse,
-            triangles=result.triangles,
-            uvs=result.uvs,
-            landmarks_2d=result.landmarks_2d,
-            landmarks_3d=result.landmarks_3d,
-            pose=np.array([result.pose["yaw"], result.pose["pitch"], result.pose["roll"]], dtype=np.float32),
-            camera_A=result.camera["A"],
-            camera_b=result.camera["b"],
-            params=result.params,
-            vertices_neutral=result.vertices_neutral,
-            expression_names=np.array(list(result.expression), dtype=str),
-            expression_weights=np.array(list(result.expression.values()), dtype=np.float32),
-            image_vertices=result.image_vertices,
-            refined=np.array(result.refined),
-        )
+        f.write(buf.getbuffer())
 
 
 def depth_image(result) -> np.ndarray:
@@ -298,17 +274,33 @@ def check_formats(
         raise FG3DError(f"no output format given (choose from {', '.join(known)})")
 
 
+LONGEST_SUFFIX = "_texture.png"  # the longest ending write_outputs adds to a stem (with _preview.png)
+
+
+def fit_stem(stem: str, suffix: str = "") -> str:
+    """``stem + suffix``, the stem cut (at a character boundary) so that every output name made from it
+    fits NAME_MAX bytes."""
+    room = NAME_MAX - len((LONGEST_SUFFIX + suffix).encode())
+    data = stem.encode("utf-8", "surrogateescape")
+    if len(data) > room:
+        stem = data[:room].decode("utf-8", "ignore") or "face"
+    return stem + suffix
+
+
 def check_output_dir(out_dir) -> None:
-    """Raise FG3DError at once when ``out_dir`` cannot be a folder (it, or its nearest existing parent,
-    is a file), before any photo is processed."""
+    """Raise FG3DError at once when ``out_dir`` cannot be written (it, or its nearest existing parent,
+    is a file, is read-only or is not ours to write), before any photo is processed.  A probe file is
+    created and deleted again; nothing is left, and a folder still to be made is not made yet."""
     p = Path(out_dir)
-    if p.exists() and not p.is_dir():
-        raise FG3DError(f"{p}: output path exists and is not a folder")
-    for parent in p.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise FG3DError(f"{p}: cannot create the output folder ({parent} is a file)")
-            break
+    try:
+        if p.exists() and not p.is_dir():
+            raise FG3DError(f"{p}: output path exists and is not a folder")
+        folder = next((q for q in (p, *p.parents) if q.exists()), Path("."))
+        if not folder.is_dir():
+            raise FG3DError(f"{p}: cannot create the output folder ({folder} is a file)")
+        os.unlink(temp_file(folder))
+    except OSError as exc:
+        raise FG3DError(f"{p}: cannot write there ({exc.strerror or exc})") from None
 
 
 def write_outputs(
@@ -331,6 +323,7 @@ def write_outputs(
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise FG3DError(f"{out_dir}: cannot create the output folder ({exc.strerror or exc})") from None
+    remove_stale(out_dir)  # what a killed earlier run left
     w = AtomicWriter(out_dir)
     try:
         if "obj" in formats:

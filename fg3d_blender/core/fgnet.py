@@ -15,12 +15,14 @@ prefixed ``module.``) with ``strict=True``.  Our own trained weights use a narro
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Dict, Optional, Union
 
 import torch
 from torch import nn
+
+from .checkpoint import load_state, read_checkpoint
+from .errors import FG3DError
 
 BN_EPS = 1e-3
 SEED_BN_MOMENTUM = 1e-3  # the paper's setting (running stats move very slowly); training uses 0.1
@@ -139,15 +141,19 @@ def strip_module_prefix(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tenso
 
 def load_checkpoint(path: Union[str, Path], width: Optional[int] = None, paf_k: int = 3) -> FGNet:
     """An ``FGNet`` in eval mode from a checkpoint: the paper's format (``{'state_dict': {'module.…'}}``)
-    or ours (``{'state_dict', 'width', 'paf_k', …}``).  Loads with ``strict=True``, on the CPU, float32."""
-    checkpoint_file = os.fspath(path)
-    ck = torch.load(checkpoint_file, map_location="cpu", weights_only=True)
-    state = ck["state_dict"] if isinstance(ck, dict) and "state_dict" in ck else ck
+    or ours (``{'state_dict', 'width', 'paf_k', …}``).  Loads with ``strict=True``, on the CPU, float32;
+    a file that is not FGNet weights gives one line (``FG3DError``)."""
+    ck = read_checkpoint(path, "FGNet weights file")
+    state = ck.get("state_dict", ck)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise FG3DError(f"{path}: does not hold FGNet weights (no state_dict of tensors)")
     state = strip_module_prefix(state)
-    if width is None:
-        width = int(ck.get("width", 0)) if isinstance(ck, dict) else 0
-        width = width or int(state["input_conv.1.weight"].shape[0])
-    paf_k = int(ck.get("paf_k", paf_k)) if isinstance(ck, dict) else paf_k
+    try:
+        if width is None:
+            width = int(ck.get("width", 0)) or int(state["input_conv.1.weight"].shape[0])
+        paf_k = int(ck.get("paf_k", paf_k))
+    except (KeyError, IndexError, TypeError, ValueError):
+        raise FG3DError(f"{path}: does not hold FGNet weights (no input layer)") from None
     net = FGNet(width=width, paf_k=paf_k)
-    net.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    load_state(net, {k: v.float() for k, v in state.items()}, path, "FGNet")
     return net.eval()

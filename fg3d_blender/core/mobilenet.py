@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .checkpoint import load_state, read_checkpoint
+
 # (name, in, out, stride) for width multiplier 0.5
 _BLOCKS = [
     ("dw2_1", 16, 32, 1),
@@ -64,9 +66,9 @@ class MobileNetV1(nn.Module):
 
 def load_regressor(path) -> MobileNetV1:
     """Load 3DDFA_V2's checkpoint (``{'state_dict': {'module.…': …}}``) safely and strictly."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = read_checkpoint(path, "3DMM regressor weights file")
     state = ckpt.get("state_dict", ckpt)
     state = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state.items()}
     model = MobileNetV1()
-    model.load_state_dict(state, strict=True)
+    load_state(model, state, path, "MobileNet regressor")
     return model.eval()

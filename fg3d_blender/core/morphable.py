@@ -13,7 +13,6 @@ fitted with the identity to the landmarks by ``refit_to_landmarks``.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Dict, List, Optional
@@ -28,7 +27,7 @@ from scipy.sparse.linalg import factorized
 from scipy.spatial import cKDTree
 
 from . import render
-from .assets import asset_path, bundled, derived_path, load_pickled_arrays
+from .assets import asset_path, bundled, load_derived, load_pickled_arrays
 from .geometry import closest_points_on_mesh, uniform_laplacian
 from .mobilenet import MobileNetV1, load_regressor
 
@@ -150,10 +149,10 @@ class FaceModel:
         minimise |P d − grid|² + λ |L d|² + ε |d − d_idw|², with P the barycentric weights of each
         on-surface grid point's closest mesh point, L the mesh Laplacian and d_idw the old 4-nearest
         inverse-distance transfer, which only steers the far ears and neck the grid does not reach."""
-        cache = derived_path("bfm_dense_basis_v2.npz")
-        if cache.is_file():
-            with np.load(cache) as z:
-                return z["basis_um"]
+        arrays = load_derived("bfm_dense_basis_v2.npz", lambda: {"basis_um": self._solve_dense_basis()})
+        return arrays["basis_um"]
+
+    def _solve_dense_basis(self) -> np.ndarray:
         n, k = len(self.mean_um), self.grid_basis.shape[2]
         dist, tri, bary = closest_points_on_mesh(self.grid_mean, self.mean_um, self.triangles)
         on = np.flatnonzero(dist < GRID_OFF_SURFACE_UM)
@@ -168,11 +167,7 @@ class FaceModel:
         )
         rhs = p.T @ self.grid_basis[on].reshape(len(on), -1) + BASIS_IDW_PULL * idw
         basis = np.column_stack([solve(rhs[:, c]) for c in range(rhs.shape[1])])
-        basis = basis.reshape(n, 3, k).astype(np.float32)
-        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.npz")
-        np.savez(tmp, basis_um=basis)
-        os.replace(tmp, cache)
-        return basis
+        return basis.reshape(n, 3, k).astype(np.float32)
 
     @cached_property
     def mean_mm(self) -> np.ndarray:

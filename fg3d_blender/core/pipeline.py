@@ -16,15 +16,15 @@ from typing import Callable, Dict, Optional, Tuple, Union
 
 import numpy as np
 
-from . import detect, morphable, render, texture
+from . import assets, detect, morphable, render, texture
 from .errors import FG3DError
 from .image_io import load_image
 from .mobilenet import MobileNetV1
 from .morphable import ExpressionModes, FaceModel, Fit, RefitPriors
 from .refine import FGNetRefiner
+from .texture import TEXTURE_SIZES
 
 ProgressFn = Callable[[str, float], None]
-TEXTURE_SIZES = (256, 512, 1024, 2048)
 
 
 @dataclass(frozen=True)
@@ -38,11 +38,20 @@ class Options:
     passes: int = 2
 
     def check(self) -> Options:
-        if self.texture_size not in TEXTURE_SIZES:
+        """FG3DError (one line) for a value out of range or of the wrong type."""
+        if not _is_int(self.texture_size) or self.texture_size not in TEXTURE_SIZES:
             raise FG3DError(
                 f"texture size {self.texture_size!r} is not one of {', '.join(map(str, TEXTURE_SIZES))}"
             )
+        if self.face_index is not None and (not _is_int(self.face_index) or self.face_index < 0):
+            raise FG3DError(f"face index {self.face_index!r} is not a whole number ≥ 0 (0 = largest face)")
+        if not _is_int(self.passes) or not 1 <= self.passes <= 8:
+            raise FG3DError(f"passes {self.passes!r} is not a whole number in 1…8")
         return self
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 @dataclass
@@ -271,17 +280,19 @@ def _silent(stage: str, fraction: float) -> None:
 
 
 _default_lock = threading.Lock()
-_default: Optional[Reconstructor] = None
+_default: Optional[Tuple[str, Reconstructor]] = None  # (the asset cache it loaded from, the instance)
 
 
 def default_reconstructor() -> Reconstructor:
     """The shared instance behind ``reconstruct()`` (the CLI, the add-on and the tests use it, so the
-    models load once per process)."""
+    models load once per process).  When the asset cache folder changes (the add-on's preference), a
+    new instance loads, and verifies, the models from there."""
     global _default
+    key = str(assets.cache_dir())
     with _default_lock:
-        if _default is None:
-            _default = Reconstructor()
-        return _default
+        if _default is None or _default[0] != key:
+            _default = (key, Reconstructor())
+        return _default[1]
 
 
 def reconstruct(

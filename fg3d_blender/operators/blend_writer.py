@@ -39,8 +39,17 @@ def write_blend(path: str, result, add_camera: bool = True, add_images: bool = T
         bpy.context.view_layer,
         BuildOptions(add_camera=add_camera, add_images=add_images),
     )
-    if os.path.exists(path):  # the empty placeholder of mkstemp; Blender would keep it as "<name>1"
+    if os.path.exists(path):  # the empty placeholder of the temporary; Blender would keep it as "<name>1"
         os.unlink(path)
-    bpy.ops.wm.save_as_mainfile(filepath=str(path), copy=True, compress=True, check_existing=False)
-    if not os.path.isfile(path) or os.path.getsize(path) == 0:
-        raise FG3DError(f"Blender could not write {path}")
+    path = os.path.abspath(path)  # Blender 3.x refuses a relative filepath
+    try:
+        bpy.ops.wm.save_as_mainfile(filepath=path, copy=True, compress=True, check_existing=False)
+        failed = ""
+    except RuntimeError as exc:  # disk full, permission denied: Blender reports it as the operator's error
+        failed = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown error"
+    if failed or not os.path.isfile(path) or os.path.getsize(path) == 0:
+        for leftover in (path, path + "@"):  # Blender writes "<name>@" and renames it when complete
+            if os.path.exists(leftover):
+                os.unlink(leftover)
+        where = os.path.dirname(path)
+        raise FG3DError(f"Blender could not write the .blend file in {where} ({failed or 'no file'})")

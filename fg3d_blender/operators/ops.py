@@ -15,13 +15,14 @@ from typing import Any, Optional
 import bpy
 from bpy.props import BoolProperty, EnumProperty, IntProperty, StringProperty
 
+from ..core import texture
 from ..core.assets import cache_dir, fetch_assets, manifest
 from . import prefs
 from .build import BuildOptions, add_result
 from .job import STAGE_LABELS, Job, Settings, apply_environment, error_line, run_pipeline, running
 
 PHOTO_GLOB = "*.jpg;*.jpeg;*.png;*.bmp;*.tif;*.tiff;*.webp"
-TEXTURE_SIZES = [(s, s, f"{s}×{s} pixel texture") for s in ("256", "512", "1024", "2048")]
+TEXTURE_SIZES = [(str(s), str(s), f"{s}×{s} pixel texture") for s in texture.TEXTURE_SIZES]
 
 
 def _redraw(context) -> None:
