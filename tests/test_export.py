@@ -208,3 +208,28 @@ def test_read_only_folder_gives_one_line_and_leaves_nothing(result, unwritable_d
         write_outputs(result, out, "face", ("obj", "glb"))
     assert "\n" not in str(e.value) and str(out) in str(e.value)
     assert not list(out.iterdir())
+
+
+def test_obj_text_is_byte_identical_to_numpy_savetxt(written, result):
+    out, _ = written
+    """The one-pass formatter writes exactly what the row-by-row ``np.savetxt`` writer wrote."""
+    import io
+
+    ref = io.StringIO()
+    ref.write("# fg3d-blender face mesh, millimetres\nmtllib face.mtl\n")
+    np.savetxt(ref, result.vertices, fmt="v %.4f %.4f %.4f")
+    np.savetxt(ref, result.uvs, fmt="vt %.6f %.6f")
+    ref.write("usemtl face\ns 1\n")
+    np.savetxt(ref, np.repeat(result.triangles + 1, 2, axis=1), fmt="f %d/%d %d/%d %d/%d")
+    assert (out / "face.obj").read_text(encoding="utf-8") == ref.getvalue()
+
+
+def test_glb_texture_is_the_obj_texture_png(written):
+    """The texture is encoded once and the same bytes go into the PNG file and the GLB."""
+    out, _ = written
+    data = (out / "face.glb").read_bytes()
+    n = struct.unpack("<I", data[12:16])[0]
+    gltf = json.loads(data[20 : 20 + n])
+    view = gltf["bufferViews"][gltf["images"][0]["bufferView"]]
+    start = 20 + n + 8 + view.get("byteOffset", 0)
+    assert data[start : start + view["byteLength"]] == (out / "face_texture.png").read_bytes()

@@ -13,9 +13,9 @@ fitted with the identity to the landmarks by ``refit_to_landmarks``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import cv2
 import numpy as np
@@ -64,6 +64,7 @@ class ExpressionModes:
 
     names: List[str]  # ARKit-style names, as ICT-FaceKit spells them
     modes: np.ndarray  # (K,N,3) float32, mm
+    _sparse: Dict[float, list] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def load(cls) -> Optional[ExpressionModes]:
@@ -78,6 +79,14 @@ class ExpressionModes:
     def apply(self, weights: np.ndarray) -> np.ndarray:
         """The (N,3) displacement of the weights (K,)."""
         return np.tensordot(weights.astype(np.float32), self.modes, axes=1)
+
+    def sparse(self, min_mm: float) -> List[Tuple[np.ndarray, np.ndarray]]:
+        """Per mode, (the vertices it moves by more than ``min_mm``, as uint32; their (n,3) displacements
+        in mm), computed once per threshold: the modes are the same for every photo."""
+        if min_mm not in self._sparse:
+            rows = [np.flatnonzero(np.abs(m).max(1) > min_mm).astype(np.uint32) for m in self.modes]
+            self._sparse[min_mm] = [(r, m[r]) for r, m in zip(rows, self.modes)]
+        return self._sparse[min_mm]
 
 
 def boundary_neighbours(triangles: np.ndarray) -> Dict[int, List[int]]:
