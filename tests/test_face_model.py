@@ -77,3 +77,13 @@ def test_forehead_border_is_smooth_and_nothing_folds(fm):
         1
     )
     assert (flips < 0).sum() == 0
+
+
+def test_keypoint_vertices_are_the_dense_shape_at_the_68_points(fm):
+    """fit_3dmm's early passes take the 68 points from the keypoint rows alone: the same points."""
+    rng = np.random.default_rng(3)
+    alpha = (fm.param_std[12:52] * rng.normal(size=40) * 1.5).astype(np.float32)
+    expression = rng.uniform(0, 0.5, len(fm.expressions.names)).astype(np.float32)
+    for e in (None, expression):
+        dense = fm.face_vertices(alpha, e)[fm.keypoints]
+        np.testing.assert_allclose(fm.keypoint_vertices(alpha, e), dense, atol=1e-3)

@@ -216,6 +216,14 @@ class FaceModel:
             basis = np.concatenate([basis, modes], 2)
         return basis
 
+    def keypoint_vertices(self, alpha_shp: np.ndarray, expression: Optional[np.ndarray] = None) -> np.ndarray:
+        """``face_vertices(…)[keypoints]`` from the 68 keypoint rows alone (no dense decode)."""
+        coef = alpha_shp.astype(np.float64)
+        if expression is not None and self.expressions is not None:
+            coef = np.concatenate([coef, expression.astype(np.float64)])
+        kp = self.mean_um[self.keypoints] / 1000.0 + self.keypoint_basis[:, :, : len(coef)] @ coef
+        return kp.astype(np.float32)
+
     @cached_property
     def face_region(self) -> np.ndarray:
         """Boolean mask of the mean's vertices within FACE_RADIUS_MM of the nose tip (landmark 30)."""
@@ -251,7 +259,8 @@ def load_face_regressor() -> MobileNetV1:
 class Fit:
     params: np.ndarray  # (62,) de-whitened: 12 pose (3×4 matrix), 40 shape, 10 expression (unused)
     roi_box: np.ndarray  # (4,) crop box in image pixels of the final pass
-    vertices: np.ndarray  # (N,3) float32 identity shape, mm, BFM frame (x right, y up, z to the viewer)
+    vertices: Optional[np.ndarray]  # (N,3) float32 shape, mm, BFM frame (x right, y up, z to the viewer);
+    # None only inside fit_3dmm, for passes whose mesh is not kept (decode/refit with dense=False)
     A: np.ndarray  # (3,3) image_vertices = vertices @ A.T + b  (x col, y row, z toward camera, px)
     b: np.ndarray  # (3,)
     head_landmarks: Optional[np.ndarray] = None  # (68,2) the landmark head's prediction (last pass), image px
@@ -336,9 +345,11 @@ def regress(crops: np.ndarray, fm: FaceModel, net: MobileNetV1, flip: bool = Tru
     return out[:b] * fm.param_std + fm.param_mean, lm
 
 
-def decode(params: np.ndarray, roi: np.ndarray, fm: FaceModel) -> Fit:
+def decode(params: np.ndarray, roi: np.ndarray, fm: FaceModel, dense: bool = True) -> Fit:
+    """The regressor's parameters as a Fit; ``dense=False`` skips the mesh (``vertices`` None) for a fit
+    whose mesh would be thrown away (the refit replaces it, or only the landmarks are needed)."""
     p = params[:12].reshape(3, 4).astype(np.float64)
-    verts = fm.shape_mm(params[12:52])
+    verts = fm.shape_mm(params[12:52]) if dense else None
     sx = (roi[2] - roi[0]) / CROP_SIZE
     sy = (roi[3] - roi[1]) / CROP_SIZE
     s = (sx + sy) / 2
@@ -382,6 +393,7 @@ def refit_to_landmarks(
     fm: FaceModel,
     priors: RefitPriors = DEFAULT_PRIORS,
     iters: int = 3,
+    dense: bool = True,
 ) -> Fit:
     """Regularised least-squares refit of the camera, the 40 identity parameters and (when the face
     model has them) the expression weights, each in [0, 1], to 68 2D landmarks.
@@ -441,7 +453,7 @@ def refit_to_landmarks(
     return Fit(
         params=params,
         roi_box=fit.roi_box,
-        vertices=fm.face_vertices(params[12:52], expression),
+        vertices=fm.face_vertices(params[12:52], expression) if dense else None,
         A=A,
         b=np.array([b2[0], b2[1], fit.b[2]]),
         head_landmarks=fit.head_landmarks,
@@ -465,11 +477,16 @@ def fit_3dmm(
     """
     roi = roi_from_landmarks(landmarks)
     fit = None
-    for _ in range(max(1, passes)):
+    passes = max(1, passes)
+    for i in range(passes):
+        last = i == passes - 1  # only the last pass's mesh is kept: earlier ones need the 68 points
         params, lm = regress(crop_resize(image, roi)[None], fm, net)
-        fit = decode(params[0], roi, fm)
+        fit = decode(params[0], roi, fm, dense=last and not refit)
         fit.head_landmarks = (lm[0] * ((roi[2] - roi[0]) / CROP_SIZE) + roi[:2]).astype(np.float32)
         if refit:
-            fit = refit_to_landmarks(fit, fit.head_landmarks, fm, priors)
-        roi = roi_from_landmarks(fit.project(fit.vertices[fm.keypoints])[:, :2])
+            fit = refit_to_landmarks(fit, fit.head_landmarks, fm, priors, dense=last)
+        if not last:
+            roi = roi_from_landmarks(
+                fit.project(fm.keypoint_vertices(fit.params[12:52], fit.expression))[:, :2]
+            )
     return fit
