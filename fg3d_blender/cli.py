@@ -83,7 +83,11 @@ def _expand(paths: List[str]) -> List[Path]:
     """Photos named directly, plus the image files of any folder named (sorted by name)."""
     out: List[Path] = []
     for p in map(Path, paths):
-        if p.is_dir():
+        try:
+            is_dir = p.is_dir()
+        except OSError:  # a name over 255 bytes, no permission …: loading it gives the one line
+            is_dir = False
+        if is_dir:
             found = list_photos(p)
             if not found:
                 raise FG3DError(f"{p}: is a folder with no photos in it (.jpg, .png, …)")

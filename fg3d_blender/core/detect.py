@@ -25,6 +25,7 @@ from .errors import FG3DError, NoFaceError
 DETECT_MAX_SIDE = 1280
 DETECT_LARGE_SIDE = 2560
 CNN_MAX_SIDE = 640
+CNN_MIN_SIDE = 16  # dlib's CNN fails below ~8 px a side (a RuntimeError, at times heap corruption and abort)
 
 
 @dataclass
@@ -68,7 +69,17 @@ def _resized(img: np.ndarray, max_side: int):
 
 
 def detect_faces(image_bgr: np.ndarray, detector: Detector, use_cnn: bool = True) -> List[Face]:
-    """All faces in the photo, largest first (empty list if none)."""
+    """All faces in the photo, largest first (empty list if none).  ``image_io`` refuses images whose
+    aspect ratio dlib cannot handle; a dlib RuntimeError that still happens becomes an FG3DError."""
+    try:
+        return _detect_faces(image_bgr, detector, use_cnn)
+    except RuntimeError as exc:
+        h, w = image_bgr.shape[:2]
+        reason = " ".join(str(exc).split())[:200]
+        raise FG3DError(f"face detection failed on this {w}×{h} image (dlib: {reason})") from None
+
+
+def _detect_faces(image_bgr: np.ndarray, detector: Detector, use_cnn: bool) -> List[Face]:
     gray_full = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2GRAY)
     gray, s = _resized(gray_full, DETECT_MAX_SIDE)
     rects, scores, kind = [], [], "hog"
@@ -86,7 +97,8 @@ def detect_faces(image_bgr: np.ndarray, detector: Detector, use_cnn: bool = True
     if not rects and use_cnn:
         rgb_small, s_cnn = _resized(cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB), CNN_MAX_SIDE)
         up = 1 if max(rgb_small.shape[:2]) < 400 else 0
-        dets = detector.cnn(rgb_small, up)
+        too_thin = min(rgb_small.shape[:2]) * (1 + up) < CNN_MIN_SIDE  # no face fits: skip, never crash
+        dets = [] if too_thin else detector.cnn(rgb_small, up)
         ratio = s / s_cnn
         for d in dets:
             r = d.rect
