@@ -393,6 +393,31 @@ def test_no_face_leaves_blender_data_unchanged(fg3d_bpy, tmp_path):
     assert _counts(bpy) == before
 
 
+def test_hostile_photo_files_give_one_line_and_leave_the_scene_unchanged(fg3d_bpy, tmp_path):
+    """The loader's refusals reach the operator as one line each: a FIFO (it would block forever), an
+    EXR, a thin strip and a header declaring 30000² pixels; nothing is added to the scene."""
+    import cv2
+
+    bpy = fg3d_bpy
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    exr = tmp_path / "render.exr"
+    exr.write_bytes(b"\x76\x2f\x31\x01" + bytes(200))
+    strip = tmp_path / "strip.png"
+    cv2.imwrite(str(strip), np.full((16, 2400, 3), 128, np.uint8))
+    huge = tmp_path / "huge.png"
+    data = bytearray(cv2.imencode(".png", np.zeros((8, 8, 3), np.uint8))[1].tobytes())
+    data[16:24] = (30000).to_bytes(4, "big") * 2
+    huge.write_bytes(bytes(data))
+    before = _counts(bpy)
+    for path in (fifo, exr, strip, huge):
+        with pytest.raises(RuntimeError) as info:
+            bpy.ops.fg3d.reconstruct(filepath=str(path))
+        text = str(info.value).strip()
+        assert path.name in text and "\n" not in text and "Traceback" not in text and "internal" not in text
+    assert _counts(bpy) == before
+
+
 def test_failed_build_removes_what_it_made(fg3d_bpy, fg3d_expected):
     """A failure half-way through building (after mesh, material and object exist) rolls all back."""
     from fg3d_blender.operators.build import BuildOptions, add_result
