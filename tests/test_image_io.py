@@ -237,7 +237,10 @@ for p in sys.argv[1:]:
         out[p] = "FG3DError: " + str(exc)
     except BaseException as exc:
         out[p] = "%s: %s" % (type(exc).__name__, exc)
-print(json.dumps({"results": out, "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+# VmHWM is this process's own peak: ru_maxrss would carry the parent's (pytest's) peak across fork + exec
+hwm = [line for line in open("/proc/self/status") if line.startswith("VmHWM:")]
+peak = int(hwm[0].split()[1]) / 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"results": out, "maxrss_mb": peak}))
 """
 
 
