@@ -1,5 +1,5 @@
 """Reading PyTorch weight files: tensors and plain containers only, never code, and one clear line
-(``FG3DError``) when a file is not a usable checkpoint.  Every ``torch.load`` of the project goes here."""
+(``FG3DError``) when a file is not a usable checkpoint.  Every PyTorch file the project reads goes here."""
 
 from __future__ import annotations
 
