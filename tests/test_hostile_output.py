@@ -124,6 +124,15 @@ def test_a_folder_taking_an_output_name_fails_that_photo_only(tmp_path, photo, c
     assert (summary["ok"], summary["failed"]) == (1, 1)
 
 
+@pytest.fixture
+def one_photo(tmp_path, photo) -> Path:
+    """A folder holding the test photo as ``a.jpg``."""
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copyfile(photo, src / "a.jpg")
+    return src
+
+
 def _kill_while_writing(cli_env, src: Path, out: Path, sig: int):
     """Start a batch, wait for the first temporary file of the outputs, then send ``sig``."""
     p = _cli(cli_env, "reconstruct", src, "-o", out, "-q", "--format", "obj,glb,ply,npz")
@@ -137,11 +146,8 @@ def _kill_while_writing(cli_env, src: Path, out: Path, sig: int):
 
 
 @pytest.mark.slow
-def test_sigterm_while_writing_leaves_nothing_half_written(tmp_path, photo, cli_env):
-    src = tmp_path / "in"
-    src.mkdir()
-    shutil.copyfile(photo, src / "a.jpg")
-    out = tmp_path / "out"
+def test_sigterm_while_writing_leaves_nothing_half_written(tmp_path, one_photo, cli_env):
+    src, out = one_photo, tmp_path / "out"
     code, err = _kill_while_writing(cli_env, src, out, signal.SIGTERM)
     assert code == 143 and err.strip().splitlines()[-1] == "fg3d: error: terminated", err
     assert "Traceback" not in err
@@ -149,11 +155,8 @@ def test_sigterm_while_writing_leaves_nothing_half_written(tmp_path, photo, cli_
 
 
 @pytest.mark.slow
-def test_sigkill_leftovers_are_ignored_and_removed_by_the_next_run(tmp_path, photo, cli_env):
-    src = tmp_path / "in"
-    src.mkdir()
-    shutil.copyfile(photo, src / "a.jpg")
-    out = tmp_path / "out"
+def test_sigkill_leftovers_are_ignored_and_removed_by_the_next_run(tmp_path, one_photo, cli_env):
+    src, out = one_photo, tmp_path / "out"
     code, _ = _kill_while_writing(cli_env, src, out, signal.SIGKILL)
     assert code == -signal.SIGKILL
     left = _parts(out)

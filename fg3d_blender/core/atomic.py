@@ -93,7 +93,7 @@ class AtomicWriter:
 
     def commit(self) -> List[Path]:
         for _, final in self.pending:
-            if os.path.lexists(final) and (final.is_dir() or not final.is_file()):
+            if os.path.lexists(final) and not final.is_file():  # a folder, a FIFO, a dangling link…
                 self.abort()
                 raise FG3DError(f"{final}: exists and is not a file; nothing was written for this photo")
         done: List[Path] = []

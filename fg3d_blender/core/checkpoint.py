@@ -18,10 +18,11 @@ def read_checkpoint(path: Union[str, os.PathLike], what: str = "weights file") -
 
     A file that holds Python objects besides tensors is refused (loading those could run code), and so
     is a damaged or foreign file; the message names the file and ``what`` it was meant to be."""
+    file = os.fspath(path)
     try:
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": noise for a user
             warnings.simplefilter("ignore")
-            ck = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+            ck = torch.load(file, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise FG3DError(f"{path}: no such {what}") from None
     except IsADirectoryError:
