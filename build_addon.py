@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""Build ``dist/fg3d_blender-VERSION.zip``: a Blender 4.2+ extension and a legacy (3.x) add-on in one zip.
+"""Build the add-on zip: a Blender 4.2+ extension and a legacy (3.x) add-on in one file.
 
-    python build_addon.py                # dist/fg3d_blender-0.1.0.zip with the dependency wheels
-    python build_addon.py --no-wheels    # small zip for a Blender whose Python already has the dependencies
+    python build_addon.py                # dist/fg3d_blender-0.1.0-linux-x64.zip, with the dependency wheels
+    python build_addon.py --no-wheels    # dist/fg3d_blender-0.1.0-linux-x64-no-wheels.zip (small: for a
+                                         #   Blender that has the dependencies or installs them itself)
     python build_addon.py -o DIR         # write the zip into DIR
 
 Layout: everything sits in one top-level folder ``fg3d_blender/`` (the package, with ``bl_info``),
@@ -12,18 +13,17 @@ extension installer accepts a manifest in a single top-level folder, and the leg
 layout both accept (a manifest at the very root would need ``__init__.py`` at the root too).
 
 Inside: the Python package, the compiled ``render_ext`` for the building platform (build it first:
-``python setup.py build_ext --inplace``), ``models/assets.json`` (the asset manifest, never the
-third-party model files themselves), and ``wheels/`` with what Blender's Python lacks (torch CPU and
-its pure-Python dependencies, scipy, dlib-bin, opencv-python-headless, face-recognition-models;
-numpy is Blender's).  Wheels are the versions installed in the building environment, fetched once
-with ``pip wheel --no-deps`` into ``build/wheels`` (pass index options with ``--pip-args``, e.g.
-``--pip-args="--extra-index-url https://download.pytorch.org/whl/cpu"`` for torch's CPU build).
+``python setup.py build_ext --inplace``), ``models/`` (the asset manifest and the project's own
+weights, never the third-party model files), ``requirements-runtime.txt`` (the dependency list the
+add-on's Install Dependencies button installs) and, unless ``--no-wheels``, ``wheels/``: every package
+of that list but the ones Blender 4.2+ ships (numpy), at the pinned versions, fetched once with
+``pip wheel --no-deps`` into a cache outside the source tree (``$FG3D_WHEEL_CACHE`` or
+``~/.cache/fg3d_blender/wheels``; more pip options with ``--pip-args``).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.metadata as metadata
 import json
 import os
 import platform
@@ -39,22 +39,7 @@ from typing import Dict, List, Optional, Tuple
 
 ROOT = Path(__file__).resolve().parent
 PKG = "fg3d_blender"
-#: What the add-on imports that Blender's bundled Python does not have (numpy is Blender's).
-WHEEL_PACKAGES = [
-    "torch",
-    "filelock",
-    "typing_extensions",
-    "sympy",
-    "mpmath",
-    "networkx",
-    "jinja2",
-    "markupsafe",
-    "fsspec",
-    "scipy",
-    "dlib-bin",
-    "opencv-python-headless",
-    "face-recognition-models",
-]
+RUNTIME_REQUIREMENTS = ROOT / "requirements-runtime.txt"  # the one list, shipped inside the zip too
 MANIFEST_NAME = "blender_manifest.toml"
 CODE_SUFFIXES = {".py", ".pyx"}
 # models/ files of these kinds are shipped (the project's own); third-party ones are excluded by name
@@ -120,6 +105,7 @@ def package_files() -> List[Tuple[Path, str]]:
         raise SystemExit("build_addon: models/assets.json is missing")
     for p in ROOT.glob("LICENSE*"):
         out.append((p, p.name))
+    out.append((RUNTIME_REQUIREMENTS, RUNTIME_REQUIREMENTS.name))  # the dependency installer's list
     return out
 
 
@@ -128,18 +114,24 @@ def third_party_names() -> set:
     return {a["path"] for a in data["assets"]}
 
 
+def _runtime_list():
+    """(pip options, requirements) of requirements-runtime.txt, read by the add-on's own reader."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        from fg3d_blender.core.dependencies import read_requirements  # the list's one reader
+    finally:
+        sys.path.remove(str(ROOT))
+    return read_requirements(RUNTIME_REQUIREMENTS)
+
+
 def wanted_wheels() -> Dict[str, str]:
-    """{normalised name: installed version} of WHEEL_PACKAGES."""
-    wanted: Dict[str, str] = {}
-    for name in WHEEL_PACKAGES:
-        try:
-            wanted[_norm(name)] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            raise SystemExit(
-                f"build_addon: {name} is not installed here; install requirements.txt first "
-                "(the wheels are taken at the installed versions)"
-            ) from None
-    return wanted
+    """{normalised name: pinned version} of requirements-runtime.txt, less what Blender 4.2+ ships."""
+    return {_norm(r.dist): r.version for r in _runtime_list()[1] if not r.blender_ships}
+
+
+def pip_options() -> List[str]:
+    """The list's index options (torch's CPU index), for ``pip wheel``."""
+    return _runtime_list()[0]
 
 
 def cached_wheels(cache: Path) -> Dict[str, Path]:
@@ -154,13 +146,14 @@ def cached_wheels(cache: Path) -> Dict[str, Path]:
 
 
 def collect_wheels(cache: Path, pip_args: List[str]) -> List[Path]:
-    """The wheels of WHEEL_PACKAGES at the versions installed here; downloaded once into ``cache``."""
+    """The wheels of requirements-runtime.txt at their pinned versions; downloaded once into ``cache``."""
     cache.mkdir(parents=True, exist_ok=True)
     wanted = wanted_wheels()
     have = cached_wheels(cache)
-    missing = [f"{n}=={wanted[_norm(n)]}" for n in WHEEL_PACKAGES if _norm(n) not in have]
+    missing = [f"{n}=={v}" for n, v in wanted.items() if n not in have]
     if missing:
-        cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(cache), *pip_args, *missing]
+        cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(cache), *pip_options()]
+        cmd += [*pip_args, *missing]
         print("build_addon: fetching wheels:", " ".join(missing), file=sys.stderr)
         if subprocess.run(cmd).returncode != 0:
             raise SystemExit(
@@ -168,10 +161,10 @@ def collect_wheels(cache: Path, pip_args: List[str]) -> List[Path]:
                 "use --no-wheels, or --pip-args for another index"
             )
     found = cached_wheels(cache)
-    still = [n for n in WHEEL_PACKAGES if _norm(n) not in found]
+    still = [n for n in wanted if n not in found]
     if still:
         raise SystemExit(f"build_addon: no wheel for {', '.join(still)} in {cache}")
-    return [found[_norm(n)] for n in WHEEL_PACKAGES]
+    return [found[n] for n in wanted]
 
 
 def manifest_toml(ver: str, wheels: List[str]) -> str:
@@ -213,6 +206,20 @@ def _bl_info() -> dict:
     raise SystemExit("build_addon: bl_info not found in fg3d_blender/__init__.py")
 
 
+def default_wheel_cache() -> Path:
+    """Where downloaded wheels are kept: outside the source tree (``$FG3D_WHEEL_CACHE`` or the user cache)."""
+    env = os.environ.get("FG3D_WHEEL_CACHE")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fg3d_blender" / "wheels"
+
+
+def zip_name(ver: str, with_wheels: bool) -> str:
+    """``fg3d_blender-VER-PLATFORM.zip`` with the wheels, ``…-no-wheels.zip`` without: both can sit side
+    by side, and the name says which platform's compiled renderer and wheels are inside."""
+    return f"{PKG}-{ver}-{blender_platform()}{'' if with_wheels else '-no-wheels'}.zip"
+
+
 def build(
     out_dir: Path,
     with_wheels: bool = True,
@@ -221,9 +228,9 @@ def build(
 ) -> Path:
     ver = version()
     files = package_files()
-    wheels = collect_wheels(wheel_cache or ROOT / "build" / "wheels", pip_args or []) if with_wheels else []
+    wheels = collect_wheels(wheel_cache or default_wheel_cache(), pip_args or []) if with_wheels else []
     out_dir.mkdir(parents=True, exist_ok=True)
-    dest = out_dir / f"{PKG}-{ver}.zip"
+    dest = out_dir / zip_name(ver, with_wheels)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=out_dir)
     os.close(fd)
     try:
@@ -249,7 +256,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         action="store_true",
         help="leave the dependency wheels out (for a Blender that already has them)",
     )
-    p.add_argument("--wheel-cache", default=None, metavar="DIR", help="where wheels are kept (build/wheels)")
+    p.add_argument(
+        "--wheel-cache",
+        default=None,
+        metavar="DIR",
+        help="where wheels are kept ($FG3D_WHEEL_CACHE or ~/.cache/fg3d_blender/wheels)",
+    )
     p.add_argument("--pip-args", default="", help="extra arguments for `pip wheel` (quoted)")
     args = p.parse_args(argv)
     dest = build(

@@ -27,7 +27,7 @@ from .core.assets import cache_dir, fetch_assets
 from .core.errors import FG3DError
 from .core.export import check_formats, check_output_dir, fit_stem, write_outputs
 from .core.image_io import list_photos
-from .core.texture import TEXTURE_SIZES
+from .core.choices import TEXTURE_SIZES
 from .operators.blend_writer import require_bpy, write_blend
 
 #: Commands whose code lives beside the package (a checkout): name → (module, help).

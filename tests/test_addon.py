@@ -180,7 +180,9 @@ def test_zip_layout_extension_and_legacy(fg3d_addon_zip):
     assert manifest["blender_version_min"] == "4.2.0" and "wheels" not in manifest  # --no-wheels
     from fg3d_blender import __version__
 
-    assert manifest["version"] == __version__ and fg3d_addon_zip.name == f"fg3d_blender-{__version__}.zip"
+    assert manifest["version"] == __version__
+    assert fg3d_addon_zip.name == f"fg3d_blender-{__version__}-{manifest['platforms'][0]}-no-wheels.zip"
+    assert "fg3d_blender/requirements-runtime.txt" in names  # the Install Dependencies list ships
     bl_info = ast.literal_eval(init.split("bl_info = ", 1)[1].split("\n\n", 1)[0])
     assert bl_info["blender"] < (4, 2, 0) and bl_info["location"].startswith("View3D")
 
@@ -301,18 +303,31 @@ def test_camera_sees_the_face_as_in_the_photo(fg3d_bpy, fg3d_face, fg3d_expected
     scene = bpy.context.scene
     ob, cam = bpy.data.objects[name], bpy.data.objects[name + "_camera"]
     h, w = expected.image.shape[:2]
-    assert cam.data.type == "ORTHO" and (scene.render.resolution_x, scene.render.resolution_y) == (w, h)
-    assert cam.data.background_images[0].image == ob["fg3d_photo"]
+    # the default scene has a camera: ours does not replace it, and the render size is left alone
+    assert scene.camera.name == "Camera" and (scene.render.resolution_x, scene.render.resolution_y) == (
+        1920,
+        1080,
+    )
+    assert cam.data.type == "ORTHO" and cam.data.background_images[0].image == ob["fg3d_photo"]
+    assert cam.parent == ob and cam.users_collection == ob.users_collection  # moves with its face
+    assert ob.users_collection[0].name == name and len(ob.users_collection[0].objects) == 2
     shown = _mixed(ob.data.shape_keys, N_VERTS)
     px = []
-    for i in keypoints:
-        x, y, _ = world_to_camera_view(scene, cam, ob.matrix_world @ Vector(shown[int(i)]))
-        px.append((x * w - 0.5, (1.0 - y) * h - 0.5))
+    saved = scene.render.resolution_x, scene.render.resolution_y
+    scene.render.resolution_x, scene.render.resolution_y = w, h  # as when it is the scene's camera
+    try:
+        for i in keypoints:
+            x, y, _ = world_to_camera_view(scene, cam, ob.matrix_world @ Vector(shown[int(i)]))
+            px.append((x * w - 0.5, (1.0 - y) * h - 0.5))
+    finally:
+        scene.render.resolution_x, scene.render.resolution_y = saved
     err = np.linalg.norm(np.array(px) - expected.landmarks_2d, axis=1)
     assert err.max() < 0.02 * w, f"landmarks through the Blender camera are off by up to {err.max():.1f} px"
 
 
 def test_second_run_adds_a_new_object_and_touches_nothing(fg3d_bpy, fg3d_face):
+    from mathutils import Vector
+
     bpy, (name, _) = fg3d_bpy, fg3d_face
     first = bpy.data.objects[name]
     state = (
@@ -342,6 +357,36 @@ def test_second_run_adds_a_new_object_and_touches_nothing(fg3d_bpy, fg3d_face):
     second = bpy.data.objects[new.pop()]
     assert second.active_material.node_tree.nodes["Face texture"].image.size[0] == 256
     assert bpy.context.view_layer.objects.active == second and not first.select_get()
+    # beside the first, not inside it, each in its own collection
+    x_max_first = max((first.matrix_world @ Vector(c)).x for c in first.bound_box)
+    x_min_second = min((second.matrix_world @ Vector(c)).x for c in second.bound_box)
+    assert x_min_second > x_max_first and second.users_collection[0].name == second.name
+
+
+def test_photo_camera_becomes_the_camera_of_a_scene_without_one(fg3d_bpy, fg3d_expected):
+    from fg3d_blender.operators.build import BuildOptions, add_result
+
+    bpy, (expected, _) = fg3d_bpy, fg3d_expected
+    scene = bpy.data.scenes.new("no camera yet")
+    built = add_result(expected, scene, scene.collection, None, BuildOptions(add_camera=True))
+    try:
+        h, w = expected.image.shape[:2]
+        assert scene.camera == built.camera
+        assert (scene.render.resolution_x, scene.render.resolution_y) == (w, h)
+        assert built.collection.name in scene.collection.children
+    finally:  # leave no data behind: the save-and-reopen test counts it
+        ob, cam, mat = built.obj, built.camera, built.obj.active_material
+        images = [*built.images, mat.node_tree.nodes["Face texture"].image]
+        me, cam_data = ob.data, cam.data
+        bpy.data.objects.remove(cam)
+        bpy.data.objects.remove(ob)
+        bpy.data.meshes.remove(me)
+        bpy.data.cameras.remove(cam_data)
+        bpy.data.materials.remove(mat)
+        bpy.data.collections.remove(built.collection)
+        bpy.data.scenes.remove(scene)
+        for im in images:
+            bpy.data.images.remove(im)
 
 
 def test_one_undo_step_removes_everything(fg3d_bpy, fg3d_face):
@@ -725,7 +770,7 @@ _GUI_SCRIPT = textwrap.dedent("""
         t["last"] = now
         S["ticks"] += 1
         S["ticks_computing"] += computing
-        if ops._running:
+        if ops.running:
             label = ops.running_label("reconstruct")
             if label not in S["labels"]:
                 S["labels"].append(label)
@@ -736,11 +781,11 @@ _GUI_SCRIPT = textwrap.dedent("""
             win.event_simulate('ESC', 'PRESS')
             win.event_simulate('ESC', 'RELEASE')
         elif t["phase"] == "cancel" and "esc" in S and not workers():
-            S["cancel_busy_after"] = bool(ops._running)
+            S["cancel_busy_after"] = bool(ops.running)
             S["cancel_objects"] = len(bpy.data.objects)
             t["phase"], t["t0"] = "run", now
             S["run_ret"] = invoke()
-        elif t["phase"] == "run" and not ops._running:
+        elif t["phase"] == "run" and not ops.running:
             S["run_objects"] = len(bpy.data.objects)
             S["active"] = bpy.context.view_layer.objects.active.name
             with bpy.context.temp_override(**ctx()):
@@ -757,8 +802,8 @@ _GUI_SCRIPT = textwrap.dedent("""
             if picked is not None:
                 S["browse_exec"], S["browse_busy"], t["t0"] = picked, False, now
         elif t["phase"] == "browse" and "browse_exec" in S:
-            S["browse_busy"] |= bool(ops._running)  # the browser runs the operator on a later turn
-            if (S["browse_busy"] and not ops._running and not workers()) or el > 60:
+            S["browse_busy"] |= bool(ops.running)  # the browser runs the operator on a later turn
+            if (S["browse_busy"] and not ops.running and not workers()) or el > 60:
                 S["browse_objects"] = len(bpy.data.objects)
                 draw_ui()  # last: an open popup must not outlive the data it shows (undo frees it)
                 done()

@@ -23,13 +23,13 @@ import pickle
 import shutil
 import urllib.request
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Optional
-
-import numpy as np
-from numpy.core.multiarray import _reconstruct  # what numpy's array pickles call
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, Optional
 
 from .atomic import atomic_file, remove_stale
 from .errors import FG3DError
+
+if TYPE_CHECKING:  # numpy is imported where arrays are read: the add-on's preferences and its dependency
+    import numpy as np  # check read the manifest in a Blender that has no numpy yet
 
 MIRROR_ENV = "FG3D_ASSET_MIRROR"
 CACHE_ENV = "FG3D_CACHE_DIR"
@@ -253,6 +253,9 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
     }
 
     def find_class(self, module, name):
+        import numpy as np  # see the note at the imports: only array readers need numpy
+        from numpy.core.multiarray import _reconstruct  # what numpy's array pickles call
+
         if (module, name) in self._ALLOWED:
             return {"_reconstruct": _reconstruct, "ndarray": np.ndarray, "dtype": np.dtype}[name]
         raise pickle.UnpicklingError(f"refused to load {module}.{name} from a foreign pickle")
@@ -260,6 +263,8 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
 
 def load_pickled_arrays(rel: str) -> Dict[str, np.ndarray]:
     """Read a foreign pickle of a dict of arrays once (restricted) and cache it as a derived .npz."""
+    import numpy as np  # see the note at the imports
+
     src = asset_path(rel)
     entry = manifest()[rel]
 
@@ -290,6 +295,8 @@ def load_derived(name: str, build: Callable[[], Dict[str, np.ndarray]]) -> Dict[
     Each file has its sha256 in ``<name>.sha256``; a file that does not match (damaged, tampered, half
     copied) or does not load is rebuilt.  When the cache cannot be written (read-only, full) the arrays
     are returned all the same, and built again next time."""
+    import numpy as np  # see the note at the imports
+
     path = derived_path(name)
     digest_file = path.with_name(path.name + ".sha256")
     try:
@@ -310,3 +317,37 @@ def load_derived(name: str, build: Callable[[], Dict[str, np.ndarray]]) -> Dict[
     except (OSError, FG3DError):
         pass
     return arrays
+
+
+def asset_report() -> Dict[str, str]:
+    """Each required asset's state without reading it: ``verified`` (sha256 checked in this process),
+    ``present`` (the right size, checked at first use), ``in mirror`` (copied at first use),
+    ``wrong size`` or ``missing``."""
+    mirror = os.environ.get(MIRROR_ENV)
+    out: Dict[str, str] = {}
+    for rel, entry in manifest().items():
+        if not entry.get("required", True):
+            continue
+        path = cache_dir() / rel
+        try:
+            st = path.stat()
+        except OSError:
+            out[rel] = "in mirror" if mirror and (Path(mirror) / rel).is_file() else "missing"
+            continue
+        if _verified.get(path) == st.st_mtime:
+            out[rel] = "verified"
+        else:
+            out[rel] = "present" if st.st_size == entry["size"] else "wrong size"
+    return out
+
+
+def cache_bytes() -> int:
+    """The size of the asset cache folder (derived arrays included)."""
+    total = 0
+    for root, _, files in os.walk(cache_dir()):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total

@@ -22,7 +22,7 @@ from .image_io import load_image
 from .mobilenet import MobileNetV1
 from .morphable import ExpressionModes, FaceModel, Fit, RefitPriors
 from .refine import FGNetRefiner
-from .texture import TEXTURE_SIZES
+from .choices import TEXTURE_SIZES
 
 ProgressFn = Callable[[str, float], None]
 
@@ -194,6 +194,17 @@ class Reconstructor:
                 self._refiner_loaded = True
             return self._refiner
 
+    def models_loaded(self, refine: bool = True) -> bool:
+        with self._lock:
+            have = None not in (self._detector, self._face_model, self._regressor)
+            return have and (self._refiner_loaded or not refine)
+
+    def load_models(self, refine: bool = True) -> None:
+        """Load every model a run needs now (a first run's slow part: ~10 s, the dense basis once ~9 s)."""
+        _ = self.detector, self.face_model, self.regressor
+        if refine:
+            _ = self.refiner
+
     # ---- stages --------------------------------------------------------------------------------
 
     def faces(self, image: np.ndarray, use_cnn: bool = True):
@@ -220,7 +231,11 @@ class Reconstructor:
         t: Dict[str, float] = {}
         say = progress or _silent
         name = str(photo) if not isinstance(photo, np.ndarray) else "image"
-        say("load", 0.0)
+        if not self.models_loaded(opts.refine):
+            say("models", 0.0)
+            with _timed(t, "models"):
+                self.load_models(opts.refine)
+        say("load", 0.05)
         with _timed(t, "load"):
             image = load_image(photo)
         say("detect", 0.1)

@@ -13,7 +13,6 @@ import numpy as np
 
 from .render import Raster, interpolate, remap_at, texel_visibility
 
-TEXTURE_SIZES = (256, 512, 1024, 2048)  # the texture sizes offered (pixels per side)
 MIN_FACING = 0.2  # cosine between surface normal and view direction below which a texel is not trusted
 FACING_RAMP = 0.25  # above MIN_FACING + this, the photo alone gives the texel's colour
 

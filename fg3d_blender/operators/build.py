@@ -45,6 +45,10 @@ class Built:
     obj: Any
     camera: Any = None
     images: List[Any] = field(default_factory=list)
+    collection: Any = None  # the result's own collection (face and camera)
+
+
+GAP_M = 0.05  # between a new result and an earlier one it would overlap
 
 
 def to_blender(vertices_mm: np.ndarray, centre_mm: np.ndarray) -> np.ndarray:
@@ -140,9 +144,8 @@ def _camera_pose(result, centre_mm: np.ndarray) -> Tuple[np.ndarray, np.ndarray,
     return loc, rot, max(w, h) / s * MM
 
 
-def _camera(
-    name: str, result, centre_mm: np.ndarray, location: Any, photo_img, scene, collection, created: list
-):
+def _camera(name: str, result, centre_mm: np.ndarray, face, photo_img, collection, created: list):
+    """The photo camera, parented to the face (moving the face moves its camera)."""
     loc, rot, ortho = _camera_pose(result, centre_mm)
     cam = bpy.data.cameras.new(name)
     created.append(cam)
@@ -159,8 +162,10 @@ def _camera(
     ob = bpy.data.objects.new(name, cam)
     created.append(ob)
     m = Matrix([list(r) for r in rot]).to_4x4()
-    m.translation = Vector((location[0], location[1], location[2])) + Vector(loc.tolist())
-    ob.matrix_world = m
+    m.translation = Vector(loc.tolist())
+    ob.parent = face
+    ob.matrix_parent_inverse = Matrix.Identity(4)
+    ob.matrix_basis = m  # in the face's frame
     collection.objects.link(ob)
     return ob
 
@@ -179,6 +184,8 @@ def _restore(created: list) -> None:
                 bpy.data.materials.remove(block)
             elif isinstance(block, bpy.types.Image):
                 bpy.data.images.remove(block)
+            elif isinstance(block, bpy.types.Collection):
+                bpy.data.collections.remove(block)
         except ReferenceError:  # already gone with its owner
             pass
 
@@ -201,6 +208,38 @@ def _add_shape_keys(ob, result, neutral, coarse, refined, centre) -> None:
     key.slider_min, key.slider_max, key.value = 0.0, 1.0, 1.0
 
 
+def _free_spot(scene, start: Vector, verts_m: np.ndarray) -> Vector:
+    """``start``, or the first place along +X where the new face's box overlaps no earlier result."""
+    lo, hi = verts_m.min(0), verts_m.max(0)
+    boxes = []  # (min corner, max corner) of each earlier result, world space
+    for other in scene.objects:
+        if other.type == "MESH" and PROP_SOURCE in other:
+            corners = np.array([tuple(other.matrix_world @ Vector(c)) for c in other.bound_box])
+            boxes.append((corners.min(0), corners.max(0)))
+    spot = np.array(tuple(start), np.float64)
+    for _ in range(len(boxes) + 1):
+        hit = [b1 for b0, b1 in boxes if np.all(b0 < spot + hi) and np.all(spot + lo < b1)]
+        if not hit:
+            break
+        spot[0] = max(float(b1[0]) for b1 in hit) - lo[0] + GAP_M
+    return Vector(spot.tolist())
+
+
+def frame_in_views(context, ob) -> None:
+    """Frame ``ob`` (selected and active) in each 3D view of the current window; nothing without one."""
+    win = getattr(context, "window", None)
+    if win is None or bpy.app.background:
+        return
+    for area in win.screen.areas:
+        if area.type != "VIEW_3D":
+            continue
+        region = next((r for r in area.regions if r.type == "WINDOW"), None)
+        if region is None:
+            continue
+        with context.temp_override(window=win, screen=win.screen, area=area, region=region):
+            bpy.ops.view3d.view_selected(use_all_regions=False)
+
+
 def add_result(
     result,
     scene,
@@ -209,7 +248,10 @@ def add_result(
     options: Optional[BuildOptions] = None,
     location=(0.0, 0.0, 0.0),
 ) -> Built:
-    """Add the reconstruction to ``collection`` of ``scene``; returns the new objects.
+    """Add the reconstruction to ``scene`` in a new collection inside ``collection``; returns the new
+    objects.  The face goes to ``location``, moved along +X beside any earlier result it would overlap;
+    the photo camera is parented to it and becomes the scene camera (with the photo's resolution) only
+    when the scene has none.
 
     On any failure every datablock made here is removed and scene settings are restored before the
     exception propagates.
@@ -239,10 +281,13 @@ def add_result(
         tex = _packed_image(f"{base}_texture", result.texture, created)
         me.materials.append(_material(base, tex, created))
 
+        group = bpy.data.collections.new(base)
+        created.append(group)
+        collection.children.link(group)
         ob = bpy.data.objects.new(base, me)
         created.append(ob)
-        ob.location = Vector(tuple(location))
-        collection.objects.link(ob)
+        ob.location = _free_spot(scene, Vector(tuple(location)), v_basis)
+        group.objects.link(ob)
         _add_shape_keys(ob, result, neutral, coarse, refined, centre)
         if me.shape_keys is not None:
             me.shape_keys.use_relative = True
@@ -253,7 +298,7 @@ def add_result(
         ob[PROP_ROLL] = float(result.pose["roll"])
         ob[PROP_REFINED] = bool(result.refined)
 
-        built = Built(obj=ob)
+        built = Built(obj=ob, collection=group)
         photo = None
         if opts.add_camera or opts.add_images:
             photo = _packed_image(f"{base}_photo", result.image, created)
@@ -265,14 +310,12 @@ def add_result(
             ob[PROP_DEPTH], ob[PROP_PNCC] = depth, pncc  # ID properties keep them in the saved file
             built.images += [depth, pncc]
         if opts.add_camera:
-            built.camera = _camera(
-                f"{base}_camera", result, centre, ob.location, photo, scene, collection, created
-            )
-            h, w = result.image.shape[:2]
-            render.resolution_x, render.resolution_y = int(w), int(h)
-            render.pixel_aspect_x = render.pixel_aspect_y = 1.0
-            if scene.camera is None:
+            built.camera = _camera(f"{base}_camera", result, centre, ob, photo, group, created)
+            if scene.camera is None:  # the scene's render settings change only with its camera
                 scene.camera = built.camera
+                h, w = result.image.shape[:2]
+                render.resolution_x, render.resolution_y = int(w), int(h)
+                render.pixel_aspect_x = render.pixel_aspect_y = 1.0
 
         if view_layer is not None:
             for other in view_layer.objects:

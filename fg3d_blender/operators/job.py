@@ -13,16 +13,22 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from ..core import dependencies
+from ..core.assets import asset_report
 from ..core.errors import FG3DError
 
+FETCH_HINT = "open Preferences › Add-ons › FG3D › Fetch Assets"
+DEPS_ENV = "FG3D_DEPS_DIR"  # Settings.env key: the folder the dependency installer writes to
+
 STAGE_LABELS = {
+    "models": "Loading models",
     "load": "Loading the photo",
     "detect": "Finding the face",
-    "3dmm": "Fitting the 3D face model",
-    "refine": "FGNet refinement",
-    "render": "Rendering depth and PNCC",
-    "texture": "Baking the texture",
-    "done": "Building the mesh",
+    "3dmm": "Fitting the face",
+    "refine": "Refining (FGNet)",
+    "render": "Rendering maps",
+    "texture": "Baking texture",
+    "done": "Building mesh",
 }
 
 
@@ -39,21 +45,44 @@ class Settings:
 
 
 def apply_environment(settings: Settings) -> None:
-    """Point the asset code at the preference folders and set torch's thread count."""
+    """Point the asset code at the preference folders."""
     for key, value in settings.env.items():
         if value:
             os.environ[key] = value
-    if settings.threads > 0:
-        import torch  # heavy (~1.5 s): loaded when a run starts, never when the add-on is enabled
-
-        torch.set_num_threads(int(settings.threads))
 
 
-def run_pipeline(settings: Settings, progress: Optional[Callable[[str, float], None]] = None):
-    """The one call both the synchronous and the threaded path make."""
-    from ..core.pipeline import reconstruct  # imports torch: loaded when a run starts, not at enable time
+def preflight(settings: Settings) -> Optional[str]:
+    """What stops a run before it starts, as one line that says where to click, or None: missing
+    Python modules, then missing or damaged model files (checked by size; sha256 at first use)."""
+    apply_environment(settings)
+    line = dependencies.missing_line()
+    if line is not None:
+        return line
+    try:
+        report = asset_report()
+    except FG3DError as exc:
+        return str(exc)
+    bad = sorted(rel for rel, state in report.items() if state in ("missing", "wrong size"))
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        return f"FG3D: model files are missing ({bad[0]}{more}): {FETCH_HINT}"
+    return None
+
+
+def run_pipeline(
+    settings: Settings,
+    progress: Optional[Callable[[str, float], None]] = None,
+    cancelled: Optional[Callable[[], bool]] = None,
+):
+    """The one call both the synchronous and the threaded path make (a run is not stopped half-way:
+    ``cancelled`` is accepted like every job target's, and the result is discarded)."""
+    from ..core.pipeline import reconstruct  # the heavy imports: at the first run, never at enable time
 
     apply_environment(settings)
+    if settings.threads > 0:
+        import torch  # with the pipeline: it is loaded by then
+
+        torch.set_num_threads(int(settings.threads))
     return reconstruct(
         settings.filepath,
         face_index=settings.face_index,
@@ -93,7 +122,11 @@ class Job:
 
     def _work(self) -> None:
         try:
-            result = self._target(self.settings, progress=lambda s, f: self.events.put(("progress", (s, f))))
+            result = self._target(
+                self.settings,
+                progress=lambda s, f: self.events.put(("progress", (s, f))),
+                cancelled=self.cancelled.is_set,
+            )
         except BaseException as exc:  # noqa: BLE001 - reported as one line on the main thread
             self.events.put(("error", error_line(exc)))
         else:

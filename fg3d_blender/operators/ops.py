@@ -1,37 +1,55 @@
-"""Operators: ``fg3d.reconstruct`` (photo → face object) and ``fg3d.fetch_assets``.
+"""Operators: ``fg3d.reconstruct`` (photo → face object), ``fg3d.fetch_assets`` and
+``fg3d.install_dependencies``.
 
-Interactive runs are modal: the pipeline runs in a worker thread (``job.Job``, no bpy there), a timer
-drains its progress queue on the main thread into ``window_manager.progress_*`` and the status bar, Esc
-cancels (the thread cannot be killed, its result is discarded when it arrives), and the result is turned
-into Blender data on the main thread.  In background mode (``bpy.app.background``), without a window,
-or with ``synchronous=True`` the same code runs synchronously.
+A run started from the UI (invoked: the panel's button, F3, the file browser) is modal: the work runs in
+a worker thread (``job.Job``, no bpy there), a timer drains its progress queue on the main thread into
+``window_manager.progress_*`` and the status bar, Esc cancels (a thread cannot be killed: its result is
+discarded when it arrives), and the result is turned into Blender data on the main thread.  Everything
+else runs synchronously on the main thread: a script's ``bpy.ops.fg3d.reconstruct(...)``, background
+mode, ``synchronous=True``, and a re-run from the *Adjust Last Operation* panel (redo), which Blender
+expects to finish inside ``execute()``.
+
+Nothing here imports the pipeline's dependencies at module level, so the add-on registers, and says
+what is missing, in a Blender that has none of them yet.
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any, Optional
 
 import bpy
 from bpy.props import BoolProperty, EnumProperty, IntProperty, StringProperty
 
-from ..core import texture
+from ..core import choices, dependencies
 from ..core.assets import cache_dir, fetch_assets, manifest
 from . import prefs
-from .build import BuildOptions, add_result
-from .job import STAGE_LABELS, Job, Settings, apply_environment, error_line, run_pipeline, running
+from .job import (
+    DEPS_ENV,
+    STAGE_LABELS,
+    Job,
+    Settings,
+    apply_environment,
+    error_line,
+    preflight,
+    run_pipeline,
+    running,
+)
 
 PHOTO_GLOB = "*.jpg;*.jpeg;*.png;*.bmp;*.tif;*.tiff;*.webp"
-TEXTURE_SIZES = [(str(s), str(s), f"{s}×{s} pixel texture") for s in texture.TEXTURE_SIZES]
+TEXTURE_SIZES = [(str(s), str(s), f"{s}×{s} pixel texture") for s in choices.TEXTURE_SIZES]
 
 
 def _redraw(context) -> None:
-    screen = getattr(context, "screen", None)
-    if screen is None:
-        return
-    for area in screen.areas:
-        if area.type in {"VIEW_3D", "PREFERENCES"}:
-            area.tag_redraw()
+    """Redraw every region of the 3D views and the preferences in every window (the panel's button and
+    progress label live in the sidebar region, which an area redraw alone can leave stale)."""
+    wm = getattr(context, "window_manager", None)
+    for win in wm.windows if wm is not None else ():
+        for area in win.screen.areas:
+            if area.type in {"VIEW_3D", "PREFERENCES"}:
+                for region in area.regions:
+                    region.tag_redraw()
 
 
 class _ModalJob:
@@ -103,8 +121,12 @@ class _ModalJob:
         raise NotImplementedError
 
 
-def _interactive(context, synchronous: bool) -> bool:
-    return not (bpy.app.background or synchronous or context.window is None)
+def _interactive(op, context) -> bool:
+    """Modal (worker thread) only for a run the UI started; see the module docstring."""
+    o = op.options
+    if bpy.app.background or getattr(op, "synchronous", False) or context.window is None:
+        return False
+    return bool(o.is_invoke) and not (o.is_repeat or o.is_repeat_last)
 
 
 def _print_progress(stage: str, fraction: float) -> None:
@@ -124,7 +146,7 @@ class FG3D_OT_reconstruct(_ModalJob, bpy.types.Operator):
     filepath: StringProperty(name="Photo", subtype="FILE_PATH", default="")  # type: ignore[valid-type]
     filter_glob: StringProperty(default=PHOTO_GLOB, options={"HIDDEN"})  # type: ignore[valid-type]
     refine: BoolProperty(  # type: ignore[valid-type]
-        name="FGNet refinement",
+        name="FGNet detail",
         default=True,
         description="Refine the 3DMM shape with FGNet (off: coarse 3DMM only)",
     )
@@ -136,15 +158,15 @@ class FG3D_OT_reconstruct(_ModalJob, bpy.types.Operator):
         description="Which face when the photo shows several (0 = the largest)",
     )
     texture_size: EnumProperty(  # type: ignore[valid-type]
-        name="Texture size", items=TEXTURE_SIZES, default="1024"
+        name="Texture", items=TEXTURE_SIZES, default="1024"
     )
     add_images: BoolProperty(  # type: ignore[valid-type]
-        name="Depth and PNCC images",
+        name="Depth/PNCC maps",
         default=True,
         description="Also add the depth map and the PNCC image as packed images",
     )
     add_camera: BoolProperty(  # type: ignore[valid-type]
-        name="Camera matching the photo",
+        name="Photo camera",
         default=False,
         description="Add an orthographic camera that sees the face as in the photo, photo as background",
     )
@@ -166,7 +188,7 @@ class FG3D_OT_reconstruct(_ModalJob, bpy.types.Operator):
         )
 
     def invoke(self, context, event):
-        if not self.filepath and _interactive(context, self.synchronous):
+        if not self.filepath and _interactive(self, context):
             context.window_manager.fileselect_add(self)
             return {"RUNNING_MODAL"}
         return self.execute(context)
@@ -176,7 +198,11 @@ class FG3D_OT_reconstruct(_ModalJob, bpy.types.Operator):
             self.report({"ERROR"}, "FG3D: choose a photo first")
             return {"CANCELLED"}
         settings = self._settings(context)
-        if _interactive(context, self.synchronous):
+        problem = preflight(settings)  # before any work: missing modules or model files
+        if problem is not None:
+            self.report({"ERROR"}, problem)
+            return {"CANCELLED"}
+        if _interactive(self, context):
             return self._start_modal(context, Job(settings))
         try:
             result = run_pipeline(settings, progress=_print_progress if bpy.app.background else None)
@@ -188,6 +214,8 @@ class FG3D_OT_reconstruct(_ModalJob, bpy.types.Operator):
     def _apply(self, context, result):
         if result is None:
             return {"CANCELLED"}
+        from .build import BuildOptions, add_result, frame_in_views  # numpy: only once a run succeeded
+
         try:
             built = add_result(
                 result,
@@ -200,6 +228,8 @@ class FG3D_OT_reconstruct(_ModalJob, bpy.types.Operator):
         except Exception as exc:  # noqa: BLE001 - add_result already removed what it had added
             self.report({"ERROR"}, f"FG3D: could not build the Blender object: {error_line(exc)}")
             return {"CANCELLED"}
+        frame_in_views(context, built.obj)
+        _redraw(context)
         pose = result.pose
         self.report(
             {"INFO"},
@@ -210,7 +240,7 @@ class FG3D_OT_reconstruct(_ModalJob, bpy.types.Operator):
         return {"FINISHED"}
 
 
-def _fetch(settings: Settings, progress=None):
+def _fetch(settings: Settings, progress=None, cancelled=None):
     apply_environment(settings)
     total = max(1, sum(1 for e in manifest().values() if e.get("required", True)))
     done = [0]
@@ -235,7 +265,7 @@ class FG3D_OT_fetch_assets(_ModalJob, bpy.types.Operator):
 
     def execute(self, context):
         settings = Settings(filepath="", threads=0, env=prefs.environment(context))
-        if _interactive(context, self.synchronous):
+        if _interactive(self, context):
             return self._start_modal(context, Job(settings, target=_fetch))
         try:
             n = _fetch(settings)
@@ -246,9 +276,49 @@ class FG3D_OT_fetch_assets(_ModalJob, bpy.types.Operator):
 
     def _apply(self, context, result):
         self.report({"INFO"}, f"FG3D: assets ready in {cache_dir()} ({result or 0} fetched now)")
+        _redraw(context)
         return {"FINISHED"}
 
 
-CLASSES = (FG3D_OT_reconstruct, FG3D_OT_fetch_assets)
+def _install(settings: Settings, progress=None, cancelled=None):
+    return dependencies.install(Path(settings.env[DEPS_ENV]), progress=progress, cancelled=cancelled)
 
-__all__ = ["FG3D_OT_reconstruct", "FG3D_OT_fetch_assets", "CLASSES"]
+
+class FG3D_OT_install_dependencies(_ModalJob, bpy.types.Operator):
+    """Install the Python packages FG3D needs (requirements-runtime.txt) into the add-on's own folder,
+    with pip in a separate process"""
+
+    bl_idname = "fg3d.install_dependencies"
+    bl_label = "Install Dependencies"
+    bl_options = {"REGISTER"}
+    kind = "install"
+
+    synchronous: BoolProperty(default=False, options={"HIDDEN", "SKIP_SAVE"})  # type: ignore[valid-type]
+
+    def execute(self, context):
+        folder = prefs.deps_dir()
+        settings = Settings(filepath="", threads=0, env={DEPS_ENV: str(folder)})
+        if _interactive(self, context):
+            return self._start_modal(context, Job(settings, target=_install))
+        try:
+            pins = _install(settings, _print_progress if bpy.app.background else None)
+        except Exception as exc:  # noqa: BLE001
+            self.report({"ERROR"}, error_line(exc))
+            return {"CANCELLED"}
+        return self._apply(context, pins)
+
+    def _apply(self, context, result):
+        prefs.refresh_status()
+        line = dependencies.missing_line()
+        if line is not None:
+            self.report({"ERROR"}, line)
+            return {"CANCELLED"}
+        what = f"{len(result)} packages installed into {prefs.deps_dir()}" if result else "none was missing"
+        self.report({"INFO"}, f"FG3D: dependencies ready ({what})")
+        _redraw(context)
+        return {"FINISHED"}
+
+
+CLASSES = (FG3D_OT_reconstruct, FG3D_OT_fetch_assets, FG3D_OT_install_dependencies)
+
+__all__ = ["FG3D_OT_reconstruct", "FG3D_OT_fetch_assets", "FG3D_OT_install_dependencies", "CLASSES"]

@@ -1,13 +1,20 @@
-"""Add-on preferences: asset cache folder, mirror folder, threads, "Fetch assets", licence notes."""
+"""Add-on preferences: what is installed (dependencies with versions, model files, cache size), the
+Install Dependencies and Fetch Assets buttons, the asset cache and mirror folders, threads, licences."""
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
 
 import bpy
 from bpy.props import IntProperty, StringProperty
 
-from ..core.assets import CACHE_ENV, MIRROR_ENV, manifest
+from ..core import dependencies
+from ..core.assets import CACHE_ENV, MIRROR_ENV, asset_report, cache_bytes, cache_dir, manifest
+from ..core.errors import FG3DError
 from .job import running_label
 
 #: The add-on's module name: ``fg3d_blender`` (legacy add-on, bpy module) or
@@ -43,16 +50,83 @@ class FG3D_AddonPreferences(bpy.types.AddonPreferences):
         draw_preferences(self.layout, self)
 
 
+def deps_dir() -> Path:
+    """The add-on's own folder for the packages Install Dependencies adds (per Python version)."""
+    ver = f"python{sys.version_info[0]}.{sys.version_info[1]}"
+    if ADDON_ID.startswith("bl_ext.") and hasattr(bpy.utils, "extension_path_user"):
+        return Path(bpy.utils.extension_path_user(ADDON_ID, path=f"site-packages-{ver}", create=False))
+    return Path(bpy.utils.user_resource("SCRIPTS", path=os.path.join("fg3d_blender_deps", ver)))
+
+
+_status: Dict[str, Any] = {}  # what the preferences show, read at most every few seconds (draw is frequent)
+
+
+def refresh_status() -> None:
+    _status.clear()
+
+
+def status() -> Dict[str, Any]:
+    if _status and time.monotonic() - _status["at"] < 5.0:
+        return _status
+    _status.clear()
+    _status["at"] = time.monotonic()
+    try:
+        _status["deps"] = [(r, v) for r, v in dependencies.status() if r.module is not None]
+    except FG3DError as exc:
+        _status["deps"], _status["deps_error"] = [], str(exc)
+    try:
+        _status["assets"] = asset_report()
+        _status["cache"] = (str(cache_dir()), cache_bytes())
+    except FG3DError as exc:
+        _status["assets"], _status["cache"], _status["assets_error"] = {}, None, str(exc)
+    return _status
+
+
 def draw_preferences(layout, prefs) -> None:
-    col = layout.column()
-    col.prop(prefs, "cache_dir")
-    col.prop(prefs, "mirror_dir")
-    col.prop(prefs, "threads")
-    row = layout.row()
+    st = status()
+    box = layout.box()
+    missing = [r.module for r, v in st["deps"] if v is None]
+    head = box.row()
+    if st.get("deps_error"):
+        head.label(text=st["deps_error"], icon="ERROR")
+    elif missing:
+        head.label(text=f"Missing Python modules: {', '.join(m for m in missing if m)}", icon="ERROR")
+    else:
+        head.label(text="Python modules: all present", icon="CHECKMARK")
+    grid = box.grid_flow(columns=2, even_columns=True)
+    for r, v in st["deps"]:
+        grid.label(text=f"{r.module} {v or 'missing'}", icon="DOT" if v else "X")
+    row = box.row()
+    row.operator("fg3d.install_dependencies", icon="CONSOLE")
+    label = running_label("install")
+    row.label(text=label or f"into {deps_dir()}")
+
+    box = layout.box()
+    assets = st["assets"]
+    if st.get("assets_error"):
+        box.label(text=st["assets_error"], icon="ERROR")
+    else:
+        bad = sorted(rel for rel, s in assets.items() if s in ("missing", "wrong size"))
+        ok = sum(1 for s in assets.values() if s in ("verified", "present"))
+        box.label(
+            text=f"Model files: {ok} of {len(assets)} present" + (f", {len(bad)} missing" if bad else ""),
+            icon="ERROR" if bad else "CHECKMARK",
+        )
+        for rel in bad[:3]:
+            box.label(text=f"  {rel}: {assets[rel]}")
+        if st["cache"] is not None:
+            folder, size = st["cache"]
+            box.label(text=f"Cache: {size / 1e6:.0f} MB in {folder}")
+    row = box.row()
     row.operator("fg3d.fetch_assets", icon="IMPORT")
     label = running_label("fetch")
     if label:
         row.label(text=label)
+
+    col = layout.column()
+    col.prop(prefs, "cache_dir")
+    col.prop(prefs, "mirror_dir")
+    col.prop(prefs, "threads")
     box = layout.box()
     box.label(text="Licences", icon="INFO")
     for line in licence_lines():

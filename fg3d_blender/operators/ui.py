@@ -9,6 +9,7 @@ import bpy
 from bpy.props import BoolProperty, EnumProperty, IntProperty, PointerProperty, StringProperty
 from bpy.utils import previews
 
+from . import prefs
 from .job import running_label
 from .ops import PHOTO_GLOB, TEXTURE_SIZES
 
@@ -22,13 +23,21 @@ class FG3D_SceneSettings(bpy.types.PropertyGroup):
     photo: StringProperty(  # type: ignore[valid-type]
         name="Photo", subtype="FILE_PATH", default="", description="The photo of a face to reconstruct"
     )
-    refine: BoolProperty(name="FGNet refinement", default=True)  # type: ignore[valid-type]
+    refine: BoolProperty(  # type: ignore[valid-type]
+        name="FGNet detail", default=True, description="Refine the 3DMM shape with FGNet (off: coarse 3DMM)"
+    )
     face_index: IntProperty(  # type: ignore[valid-type]
         name="Face", default=0, min=0, max=99, description="0 = the largest face in the photo"
     )
     texture_size: EnumProperty(name="Texture", items=TEXTURE_SIZES, default="1024")  # type: ignore[valid-type]
-    add_images: BoolProperty(name="Depth and PNCC images", default=True)  # type: ignore[valid-type]
-    add_camera: BoolProperty(name="Camera matching the photo", default=True)  # type: ignore[valid-type]
+    add_images: BoolProperty(  # type: ignore[valid-type]
+        name="Depth/PNCC maps", default=True, description="Also add the depth map and PNCC image (packed)"
+    )
+    add_camera: BoolProperty(  # type: ignore[valid-type]
+        name="Photo camera",
+        default=True,
+        description="Add an orthographic camera that sees the face as in the photo, photo as background",
+    )
 
 
 def _preview_icon(path: str) -> int:
@@ -64,13 +73,16 @@ class FG3D_PT_reconstruct(bpy.types.Panel):
         col = layout.column(align=True)
         col.prop(s, "refine")
         col.prop(s, "face_index")
-        col.prop(s, "texture_size")
+        row = col.row(align=True)
+        row.label(text="Texture")
+        row.prop(s, "texture_size", text="")
         col.prop(s, "add_images")
         col.prop(s, "add_camera")
+        ready = _draw_setup_needed(layout)
         busy = running_label("reconstruct")
         row = layout.row()
         row.scale_y = 1.5
-        row.enabled = bool(s.photo) and not busy
+        row.enabled = bool(s.photo) and not busy and ready
         op = row.operator("fg3d.reconstruct", text="Reconstruct", icon="USER")
         op.filepath = s.photo
         op.refine = s.refine
@@ -81,6 +93,30 @@ class FG3D_PT_reconstruct(bpy.types.Panel):
         if busy:
             layout.label(text=busy, icon="TIME")
             layout.label(text="Esc cancels")
+
+
+def _draw_setup_needed(layout) -> bool:
+    """A box with the button that fixes a missing dependency or model file; True when nothing is missing."""
+    st = prefs.status()
+    missing = [r.module for r, v in st["deps"] if v is None]
+    if missing or st.get("deps_error"):
+        box = layout.box()
+        box.label(text="Python modules missing", icon="ERROR")
+        box.operator("fg3d.install_dependencies", icon="CONSOLE")
+        label = running_label("install")
+        if label:
+            box.label(text=label, icon="TIME")
+        return False
+    bad = [rel for rel, state in st["assets"].items() if state in ("missing", "wrong size")]
+    if bad or st.get("assets_error"):
+        box = layout.box()
+        box.label(text=f"{len(bad)} model files missing" if bad else "Asset cache unusable", icon="ERROR")
+        box.operator("fg3d.fetch_assets", icon="IMPORT")
+        label = running_label("fetch")
+        if label:
+            box.label(text=label, icon="TIME")
+        return False
+    return True
 
 
 CLASSES = (FG3D_SceneSettings, FG3D_PT_reconstruct)
