@@ -24,10 +24,10 @@ from typing import List, Optional
 import cv2
 
 from .core.assets import cache_dir, fetch_assets
+from .core.choices import TEXTURE_SIZES
 from .core.errors import FG3DError
 from .core.export import check_formats, check_output_dir, fit_stem, write_outputs
 from .core.image_io import list_photos
-from .core.choices import TEXTURE_SIZES
 from .operators.blend_writer import require_bpy, write_blend
 
 #: Commands whose code lives beside the package (a checkout): name → (module, help).

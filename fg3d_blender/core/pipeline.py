@@ -17,12 +17,12 @@ from typing import Callable, Dict, Optional, Tuple, Union
 import numpy as np
 
 from . import assets, detect, morphable, render, texture
+from .choices import TEXTURE_SIZES
 from .errors import FG3DError
 from .image_io import load_image
 from .mobilenet import MobileNetV1
 from .morphable import ExpressionModes, FaceModel, Fit, RefitPriors
 from .refine import FGNetRefiner
-from .choices import TEXTURE_SIZES
 
 ProgressFn = Callable[[str, float], None]
 
