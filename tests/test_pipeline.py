@@ -386,15 +386,21 @@ def test_result_fields_and_shapes(frontal):
 
 
 def test_progress_reports_every_stage_in_order(example_photo):
-    from fg3d_blender.core.pipeline import reconstruct
+    """A first run shows the model loading as its own stage (the slow part), a later one starts at the
+    photo."""
+    from fg3d_blender.core.pipeline import Options, Reconstructor
 
-    seen = []
-    reconstruct(example_photo, texture_size=256, progress=lambda s, f: seen.append((s, f)))
-    stages = [s for s, _ in seen]
-    assert stages[0] == "load" and stages[-1] == "done"
-    assert {"detect", "3dmm", "render", "texture"} <= set(stages)
-    fr = [f for _, f in seen]
-    assert fr == sorted(fr) and fr[-1] == 1.0
+    rec = Reconstructor()
+    for first in (True, False):
+        seen: list = []
+        rec.reconstruct(
+            example_photo, Options(texture_size=256), progress=lambda s, f, seen=seen: seen.append((s, f))
+        )
+        stages = [s for s, _ in seen]
+        assert stages[0] == ("models" if first else "load") and stages[-1] == "done"
+        assert {"load", "detect", "3dmm", "render", "texture"} <= set(stages)
+        fr = [f for _, f in seen]
+        assert fr == sorted(fr) and fr[-1] == 1.0
 
 
 def test_reconstruct_accepts_an_array_and_face_index(photos_dir, reconstructed):

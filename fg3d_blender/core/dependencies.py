@@ -153,10 +153,10 @@ def find_python() -> str:
 
 def _pip_progress(line: str, done: int, total: int) -> Tuple[int, Optional[Tuple[str, float]]]:
     """Read one line of pip's output: (packages collected so far, (message, fraction) to show or None)."""
-    m = re.match(r"Collecting (\S+)", line)
+    m = re.match(r"(?:Collecting|Processing) (\S+)", line)  # from an index / from a local file
     if m:
         done += 1
-        return done, (f"downloading {m[1]}", 0.85 * done / max(total, 1))
+        return done, (f"fetching {os.path.basename(m[1])}", 0.85 * done / max(total, 1))
     if line.startswith("Building wheel"):
         return done, ("building wheels", 0.88)
     if line.startswith("Installing collected packages"):
