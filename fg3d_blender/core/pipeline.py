@@ -1,7 +1,8 @@
 """The pipeline façade: photo → detections → 3DMM → (FGNet refinement) → renders → textured mesh.
 
 ``Reconstructor`` owns the models (dlib detector, face model, regressor, FGNet), loaded on first use,
-and runs one function per stage (each in its own module), timing them into a ``Result``.
+and runs one function per stage (each in its own module), timing them into a ``Result``.  The two
+networks run on onnxruntime (``onnx_models``): the pipeline never imports torch.
 ``reconstruct()`` is a thin convenience over one shared default instance.
 """
 
@@ -19,7 +20,6 @@ import numpy as np
 from . import assets, detect, morphable, render, texture
 from .errors import FG3DError
 from .image_io import load_image
-from .mobilenet import MobileNetV1
 from .morphable import ExpressionModes, FaceModel, Fit, RefitPriors
 from .refine import FGNetRefiner
 from .texture import TEXTURE_SIZES
@@ -153,14 +153,20 @@ def _timed(timings: Dict[str, float], name: str):
 
 class Reconstructor:
     """Owns the models and runs the pipeline.  Models load on first use (thread-safe); one instance
-    can serve many photos and threads."""
+    can serve many photos and threads.  The networks run on onnxruntime with ``threads`` threads each;
+    ``backend="torch"`` runs the torch modules instead (comparisons and benchmarks; imports torch)."""
 
-    def __init__(self, priors: RefitPriors = morphable.DEFAULT_PRIORS):
+    def __init__(
+        self, priors: RefitPriors = morphable.DEFAULT_PRIORS, threads: int = 1, backend: str = "onnxruntime"
+    ):
+        if backend not in morphable.BACKENDS:
+            raise ValueError(f"backend {backend!r} is not one of {morphable.BACKENDS}")
         self.priors = priors  # of the landmark refit (identity, expression)
+        self.threads, self.backend = int(threads), backend
         self._lock = threading.RLock()
         self._detector: Optional[detect.Detector] = None
         self._face_model: Optional[FaceModel] = None
-        self._regressor: Optional[MobileNetV1] = None
+        self._regressor = None  # onnx_models.Regressor, or the torch MobileNetV1
         self._refiner: Optional[FGNetRefiner] = None
         self._refiner_loaded = False
 
@@ -179,10 +185,11 @@ class Reconstructor:
             return self._face_model
 
     @property
-    def regressor(self) -> MobileNetV1:
+    def regressor(self):
+        """The 3DMM regressor: ``predict(crops) -> (params, landmarks)``."""
         with self._lock:
             if self._regressor is None:
-                self._regressor = morphable.load_face_regressor()
+                self._regressor = morphable.load_face_regressor(self.threads, self.backend)
             return self._regressor
 
     @property
@@ -190,7 +197,7 @@ class Reconstructor:
         """The bundled FGNet, or None when no weights are installed."""
         with self._lock:
             if not self._refiner_loaded:
-                self._refiner = FGNetRefiner.load(self.face_model)
+                self._refiner = FGNetRefiner.load(self.face_model, self.threads, self.backend)
                 self._refiner_loaded = True
             return self._refiner
 
