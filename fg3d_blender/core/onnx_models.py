@@ -37,7 +37,7 @@ def session(
     """An onnxruntime CPU session of ``graph`` with its external initializers taken from ``weights``
     (name → float32 array); returns the session and the buffers it reads (keep them alive with it)."""
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = max(1, int(threads))
+    opts.intra_op_num_threads = max(0, int(threads))  # 0: onnxruntime's default (one per core)
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.log_severity_level = 3  # errors only: warnings are noise for a user

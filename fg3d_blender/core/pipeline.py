@@ -287,18 +287,18 @@ def _silent(stage: str, fraction: float) -> None:
 
 
 _default_lock = threading.Lock()
-_default: Optional[Tuple[str, Reconstructor]] = None  # (the asset cache it loaded from, the instance)
+_default: Optional[Tuple[Tuple[str, int], Reconstructor]] = None  # ((asset cache, threads), the instance)
 
 
-def default_reconstructor() -> Reconstructor:
+def default_reconstructor(threads: int = 1) -> Reconstructor:
     """The shared instance behind ``reconstruct()`` (the CLI, the add-on and the tests use it, so the
-    models load once per process).  When the asset cache folder changes (the add-on's preference), a
-    new instance loads, and verifies, the models from there."""
+    models load once per process).  When the asset cache folder changes (the add-on's preference) or
+    the thread count does, a new instance loads, and verifies, the models from there."""
     global _default
-    key = str(assets.cache_dir())
+    key = (str(assets.cache_dir()), int(threads))
     with _default_lock:
         if _default is None or _default[0] != key:
-            _default = (key, Reconstructor())
+            _default = (key, Reconstructor(threads=int(threads)))
         return _default[1]
 
 
@@ -309,7 +309,9 @@ def reconstruct(
     texture_size: int = 1024,
     passes: int = 2,
     progress: Optional[ProgressFn] = None,
+    threads: int = 1,
 ) -> Result:
-    """Reconstruct the (largest, or ``face_index``-th) face of a photo.  Raises FG3DError on bad input."""
+    """Reconstruct the (largest, or ``face_index``-th) face of a photo.  Raises FG3DError on bad input.
+    ``threads``: onnxruntime's threads per network (0 = its default, one per core)."""
     opts = Options(face_index=face_index, refine=refine, texture_size=texture_size, passes=passes)
-    return default_reconstructor().reconstruct(photo, opts, progress)
+    return default_reconstructor(threads).reconstruct(photo, opts, progress)
