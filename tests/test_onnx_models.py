@@ -90,6 +90,17 @@ def test_exported_graph_of_another_fgnet_equals_torch(tmp_path):
     np.testing.assert_allclose(model.predict(*x), net.predict(*x), rtol=0, atol=NET_TOL)
 
 
+def test_importing_the_pipeline_and_the_cli_imports_no_torch(cli_env):
+    """Static half of the no-torch check (fast): the shipped modules import neither torch nor onnx."""
+    code = (
+        "import sys, fg3d_blender.core.pipeline, fg3d_blender.cli, fg3d_blender.core.onnx_models;"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'onnx', 'training', 'benchmarks'}))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=cli_env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
 # ---- the weight files, read without torch --------------------------------------------------------
 
 
