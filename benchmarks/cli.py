@@ -46,6 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--repeat", type=int, default=20)
     s.add_argument("--no-refine", action="store_true")
     s.add_argument("--texture-size", type=int, default=1024)
+    s.add_argument("--backend", choices=["onnxruntime", "torch"], default="onnxruntime")
+    s.add_argument("--threads", type=int, default=1, help="threads per network (default 1)")
     c = sub.add_parser(
         "consistency", help="one person at many poses: vertex deviation (mm) from the mean shape"
     )

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from fg3d_blender.core.errors import FG3DError
+from fg3d_blender.core.fgnet import load_checkpoint
 from fg3d_blender.core.image_io import list_photos
 from fg3d_blender.core.pipeline import Reconstructor
 from training.batches import Batcher
@@ -34,6 +35,6 @@ def run(args) -> dict:
     fm = rec.face_model
     batcher = Batcher(fm, data, size, torch.device("cpu"), args.landmark_target)
     losses = Losses(fm, batcher.uvm, "cpu", target=args.landmark_target)
-    out = evaluate(refiner.net, batcher, losses, held)
+    out = evaluate(load_checkpoint(refiner.info["file"]), batcher, losses, held)  # torch: evaluate's losses
     out.update({"weights": Path(refiner.info["file"]).name, "uv_size": size})
     return out

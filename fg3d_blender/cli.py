@@ -35,6 +35,10 @@ CHECKOUT_COMMANDS = {
     "bench": ("benchmarks.cli", "benchmarks that print numbers (last line JSON with --json)"),
     "train-fgnet": ("training.cli", "train FGNet self-supervised on a folder of face photos"),
     "build-expressions": ("training.expressions", "carry ICT-FaceKit's expression modes onto the BFM mesh"),
+    "export-onnx": (
+        "training.onnx_export",
+        "write the networks' ONNX graphs (models/*.onnx) from the torch code",
+    ),
 }
 
 
@@ -127,7 +131,7 @@ def _summary(result, files) -> dict:
 
 
 def cmd_reconstruct(args) -> int:
-    from .core.pipeline import reconstruct  # imports torch (~1.5 s): only commands that reconstruct pay it
+    from .core.pipeline import reconstruct  # heavy (dlib, onnxruntime, scipy): only for reconstructing
 
     formats = [f.strip().lower() for f in args.format.split(",") if f.strip()]
     writers = {}

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fg3d_blender.core import assets, detect
+from fg3d_blender.core import assets, detect, onnx_models
 from fg3d_blender.core.errors import FG3DError
 from fg3d_blender.core.geometry import shape_consistency, similarity_align
 from fg3d_blender.core.image_io import load_image
@@ -29,7 +29,7 @@ def test_shipped_weights_are_installed_and_verified(tmp_path, monkeypatch):
     assert info is not None, "models/assets.json names no FGNet weights, or their file is missing"
     assert Path(info["file"]).stat().st_size <= 30 * 2**20
     refiner = FGNetRefiner.load(REC.face_model)
-    assert refiner.net.width == info["meta"]["width"] and not refiner.net.training
+    assert refiner.net.width == info["meta"]["width"] and isinstance(refiner.net, onnx_models.FGNetModel)
     assert refiner.uv_size == info["meta"]["uv_size"]
     # a models/ folder whose weights do not match the manifest's sha256 is refused with one line
     models = tmp_path / "fg3d_blender" / "models"

@@ -1,5 +1,7 @@
-"""Reading PyTorch weight files: tensors and plain containers only, never code, and one clear line
-(``FG3DError``) when a file is not a usable checkpoint.  Every PyTorch file the project reads goes here."""
+"""Reading PyTorch weight files with torch (training, the export, the torch modules): tensors and plain
+containers only, never code, and one clear line (``FG3DError``) when a file is not a usable checkpoint.
+Every torch load of the project goes here; the inference path reads the same files without torch
+(``pth_reader``, with the same messages)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from typing import Union
 import torch
 
 from .errors import FG3DError
+from .pth_reader import damaged, refused
 
 
 def read_checkpoint(path: Union[str, os.PathLike], what: str = "weights file") -> dict:
@@ -29,15 +32,10 @@ def read_checkpoint(path: Union[str, os.PathLike], what: str = "weights file") -
         raise FG3DError(f"{path}: is a folder, not a {what}") from None
     except pickle.UnpicklingError as exc:
         if "unsupported global" in str(exc).lower():  # a class or function it would have to call
-            raise FG3DError(
-                f"{path}: refused as {what}: it holds Python objects besides tensors, and loading those "
-                "could run code; only plain weight files are read"
-            ) from None
-        raise FG3DError(f"{path}: not a PyTorch {what} (damaged or another kind of file)") from None
+            raise refused(path, what) from None
+        raise damaged(path, what) from None
     except Exception as exc:  # noqa: BLE001 - zip, EOF, OS errors…: all mean "not a checkpoint"
-        raise FG3DError(
-            f"{path}: not a PyTorch {what} (damaged or another kind of file: {type(exc).__name__})"
-        ) from None
+        raise damaged(path, what, exc) from None
     if not isinstance(ck, dict):
         raise FG3DError(f"{path}: not a {what} (it holds a {type(ck).__name__}, not a dict of weights)")
     return ck

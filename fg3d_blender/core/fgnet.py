@@ -11,18 +11,23 @@ and five up blocks back to S×S, and a 1×1 head gives the shape difference (mm;
 bottom).  At the default width the state-dict names and shapes are those of the paper's released
 checkpoint (``PRNet_PAF_Vis_Shape``), which ``load_checkpoint`` reads (``{'state_dict': …}``, keys
 prefixed ``module.``) with ``strict=True``.  Our own trained weights use a narrower width.
+
+The pipeline runs the network on onnxruntime (``onnx_models.FGNetModel``, graph written from this module
+by ``export-onnx``); the torch module is for training, the export and checking the two agree.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Optional, Union
 
+import numpy as np
 import torch
 from torch import nn
 
 from .checkpoint import load_state, read_checkpoint
 from .errors import FG3DError
+from .pth_reader import strip_module_prefix
 
 BN_EPS = 1e-3
 SEED_BN_MOMENTUM = 1e-3  # the paper's setting (running stats move very slowly); training uses 0.1
@@ -128,15 +133,19 @@ class FGNet(nn.Module):
             x = getattr(self, name)(x)
         return self.output_conv(x)
 
+    def predict(self, paf: np.ndarray, visibility: np.ndarray, shape: np.ndarray) -> np.ndarray:
+        """The difference map (B,3,S,S) for numpy inputs (batch first, channels first), like
+        ``onnx_models.FGNetModel.predict``."""
+        with torch.inference_mode():
+            args = [
+                torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)) for a in (paf, visibility, shape)
+            ]
+            return self(*args).numpy()
+
     def set_bn_momentum(self, momentum: float) -> None:
         for m in self.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.momentum = momentum
-
-
-def strip_module_prefix(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Keys of a DataParallel checkpoint (``module.x``) → plain keys (``x``)."""
-    return {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in state.items()}
 
 
 def load_checkpoint(path: Union[str, Path], width: Optional[int] = None, paf_k: int = 3) -> FGNet:

@@ -25,7 +25,6 @@ from typing import Tuple
 import cv2
 import numpy as np
 import scipy.io as sio
-import torch
 
 from . import render
 from .assets import asset_path
@@ -50,13 +49,20 @@ class FGNetInputs:
     positions: np.ndarray  # (S, S, 3) texel positions in the (possibly downscaled) photo, px
     scale: float  # photo downscale factor applied before sampling (1 = none)
 
-    def tensors(self):
-        """(paf, visibility, shape) as float32 torch tensors with a batch axis, channels first."""
+    def arrays(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(paf, visibility, shape) as float32 arrays with a batch axis, channels first: the network's
+        inputs (``FGNetModel.predict`` and ``FGNet.predict``)."""
         return (
-            torch.from_numpy(np.ascontiguousarray(self.paf.transpose(2, 0, 1)))[None],
-            torch.from_numpy(np.ascontiguousarray(self.visibility))[None, None],
-            torch.from_numpy(np.ascontiguousarray(self.shape.transpose(2, 0, 1)))[None],
+            np.ascontiguousarray(self.paf.transpose(2, 0, 1), dtype=np.float32)[None],
+            np.ascontiguousarray(self.visibility, dtype=np.float32)[None, None],
+            np.ascontiguousarray(self.shape.transpose(2, 0, 1), dtype=np.float32)[None],
         )
+
+    def tensors(self):
+        """``arrays()`` as torch tensors (training and the torch network)."""
+        import torch  # why: training only; inference feeds ``arrays()`` to onnxruntime without torch
+
+        return tuple(torch.from_numpy(a) for a in self.arrays())
 
 
 def photo_at_scale(image: np.ndarray, px_per_mm: float) -> Tuple[np.ndarray, float]:

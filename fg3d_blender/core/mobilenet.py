@@ -3,14 +3,19 @@
 Own implementation of the architecture whose weights 3DDFA_V2 publishes (``mb05_120x120.pth``): a
 3×3/2 stem and 13 depthwise-separable blocks, global average pooling, a 62-d parameter head
 (``fc_param``: 12 pose + 40 shape + 10 expression, whitened) and a 136-d landmark head (``fc_lm``).
+
+The pipeline runs this network on onnxruntime (``onnx_models.Regressor``, graph written from this module
+by ``export-onnx``); the torch module is for the export and for checking the two agree.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
 from .checkpoint import load_state, read_checkpoint
+from .pth_reader import strip_module_prefix
 
 # (name, in, out, stride) for width multiplier 0.5
 _BLOCKS = [
@@ -63,12 +68,18 @@ class MobileNetV1(nn.Module):
     def forward(self, x):
         return self.fc_param(self.features(x))
 
+    def predict(self, x: np.ndarray):
+        """Normalised crops (B,3,120,120) → (params (B,62), landmarks (B,136)), numpy in and out, like
+        ``onnx_models.Regressor.predict``."""
+        with torch.inference_mode():
+            feat = self.features(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
+            return self.fc_param(feat).numpy(), self.fc_lm(feat).numpy()
+
 
 def load_regressor(path) -> MobileNetV1:
     """Load 3DDFA_V2's checkpoint (``{'state_dict': {'module.…': …}}``) safely and strictly."""
     ckpt = read_checkpoint(path, "3DMM regressor weights file")
-    state = ckpt.get("state_dict", ckpt)
-    state = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state.items()}
+    state = strip_module_prefix(ckpt.get("state_dict", ckpt))
     model = MobileNetV1()
     load_state(model, state, path, "MobileNet regressor")
     return model.eval()

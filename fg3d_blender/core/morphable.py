@@ -21,7 +21,6 @@ import cv2
 import numpy as np
 import scipy.io as sio
 import scipy.sparse as sp
-import torch
 from scipy.optimize import nnls
 from scipy.sparse.linalg import factorized
 from scipy.spatial import cKDTree
@@ -29,7 +28,7 @@ from scipy.spatial import cKDTree
 from . import render
 from .assets import asset_path, bundled, load_derived, load_pickled_arrays
 from .geometry import closest_points_on_mesh, uniform_laplacian
-from .mobilenet import MobileNetV1, load_regressor
+from .onnx_models import REGRESSOR_WEIGHTS, Regressor
 
 CROP_SIZE = 120
 GRID_OFF_SURFACE_UM = 2000.0  # grid points farther than this from the BFM surface are padding
@@ -250,9 +249,20 @@ class FaceModel:
         return render.from_uv(uv_map, self.uvs)
 
 
-def load_face_regressor() -> MobileNetV1:
-    """3DDFA_V2's MobileNet (``mb05_120x120.pth``), verified, in eval mode."""
-    return load_regressor(asset_path("3ddfa_v2/mb05_120x120.pth"))
+BACKENDS = ("onnxruntime", "torch")
+
+
+def load_face_regressor(threads: int = 1, backend: str = "onnxruntime"):
+    """3DDFA_V2's MobileNet (``mb05_120x120.pth``, verified): on onnxruntime with ``threads`` threads, or
+    with ``backend="torch"`` the torch module in eval mode (the comparisons; it imports torch).  Either
+    has ``predict(crops) -> (params, landmarks)``."""
+    if backend == "torch":
+        from .mobilenet import load_regressor  # why: torch, only for the comparisons and training
+
+        return load_regressor(asset_path(REGRESSOR_WEIGHTS))
+    if backend != "onnxruntime":
+        raise ValueError(f"backend {backend!r} is not one of {BACKENDS}")
+    return Regressor.load(threads)
 
 
 @dataclass
@@ -321,22 +331,20 @@ def crop_resize(image: np.ndarray, roi: np.ndarray, size: int = CROP_SIZE) -> np
     return cv2.warpAffine(image, m, (size, size), flags=flags, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
 
 
-def regress(crops: np.ndarray, fm: FaceModel, net: MobileNetV1, flip: bool = True):
+def regress(crops: np.ndarray, fm: FaceModel, net, flip: bool = True):
     """Batch of BGR uint8 crops (B,120,120,3) → (de-whitened parameters (B,62), landmarks (B,68,2)).
 
     The landmarks come from the regressor's second head (``fc_lm``), in crop pixels: it predicts
     x (68) then y (68), each as c / 60 − 1.  With ``flip`` the mirrored crops run in the same batch
     and their landmarks, mirrored back, are averaged in (lower error on AFLW2000-3D, see README).
+    ``net`` is ``load_face_regressor``'s (onnxruntime, or the torch module): anything with ``predict``.
     """
     b = len(crops)
     if flip:
         crops = np.concatenate([crops, crops[:, :, ::-1]])
-    x = torch.from_numpy(np.ascontiguousarray(crops.transpose(0, 3, 1, 2))).float()
-    x = (x - 127.5) / 128.0
-    with torch.inference_mode():
-        feat = net.features(x)
-        out = net.fc_param(feat).numpy()
-        lm = net.fc_lm(feat).numpy()
+    x = crops.transpose(0, 3, 1, 2).astype(np.float32)
+    x = (x - np.float32(127.5)) / np.float32(128.0)
+    out, lm = net.predict(x)
     lm = (lm.reshape(-1, 2, 68).transpose(0, 2, 1) + 1.0) * (CROP_SIZE / 2.0)
     if flip:
         mirrored = lm[b:, MIRROR_68].copy()
@@ -465,7 +473,7 @@ def fit_3dmm(
     image: np.ndarray,
     landmarks: np.ndarray,
     fm: FaceModel,
-    net: MobileNetV1,
+    net,
     passes: int = 2,
     refit: bool = True,
     priors: RefitPriors = DEFAULT_PRIORS,

@@ -1,7 +1,8 @@
 """The pipeline façade: photo → detections → 3DMM → (FGNet refinement) → renders → textured mesh.
 
 ``Reconstructor`` owns the models (dlib detector, face model, regressor, FGNet), loaded on first use,
-and runs one function per stage (each in its own module), timing them into a ``Result``.
+and runs one function per stage (each in its own module), timing them into a ``Result``.  The two
+networks run on onnxruntime (``onnx_models``): the pipeline never imports torch.
 ``reconstruct()`` is a thin convenience over one shared default instance.
 """
 
@@ -20,7 +21,6 @@ from . import assets, detect, morphable, render, texture
 from .choices import TEXTURE_SIZES
 from .errors import FG3DError
 from .image_io import load_image
-from .mobilenet import MobileNetV1
 from .morphable import ExpressionModes, FaceModel, Fit, RefitPriors
 from .refine import FGNetRefiner
 
@@ -153,14 +153,20 @@ def _timed(timings: Dict[str, float], name: str):
 
 class Reconstructor:
     """Owns the models and runs the pipeline.  Models load on first use (thread-safe); one instance
-    can serve many photos and threads."""
+    can serve many photos and threads.  The networks run on onnxruntime with ``threads`` threads each;
+    ``backend="torch"`` runs the torch modules instead (comparisons and benchmarks; imports torch)."""
 
-    def __init__(self, priors: RefitPriors = morphable.DEFAULT_PRIORS):
+    def __init__(
+        self, priors: RefitPriors = morphable.DEFAULT_PRIORS, threads: int = 1, backend: str = "onnxruntime"
+    ):
+        if backend not in morphable.BACKENDS:
+            raise ValueError(f"backend {backend!r} is not one of {morphable.BACKENDS}")
         self.priors = priors  # of the landmark refit (identity, expression)
+        self.threads, self.backend = int(threads), backend
         self._lock = threading.RLock()
         self._detector: Optional[detect.Detector] = None
         self._face_model: Optional[FaceModel] = None
-        self._regressor: Optional[MobileNetV1] = None
+        self._regressor = None  # onnx_models.Regressor, or the torch MobileNetV1
         self._refiner: Optional[FGNetRefiner] = None
         self._refiner_loaded = False
 
@@ -179,10 +185,11 @@ class Reconstructor:
             return self._face_model
 
     @property
-    def regressor(self) -> MobileNetV1:
+    def regressor(self):
+        """The 3DMM regressor: ``predict(crops) -> (params, landmarks)``."""
         with self._lock:
             if self._regressor is None:
-                self._regressor = morphable.load_face_regressor()
+                self._regressor = morphable.load_face_regressor(self.threads, self.backend)
             return self._regressor
 
     @property
@@ -190,7 +197,7 @@ class Reconstructor:
         """The bundled FGNet, or None when no weights are installed."""
         with self._lock:
             if not self._refiner_loaded:
-                self._refiner = FGNetRefiner.load(self.face_model)
+                self._refiner = FGNetRefiner.load(self.face_model, self.threads, self.backend)
                 self._refiner_loaded = True
             return self._refiner
 
@@ -295,18 +302,18 @@ def _silent(stage: str, fraction: float) -> None:
 
 
 _default_lock = threading.Lock()
-_default: Optional[Tuple[str, Reconstructor]] = None  # (the asset cache it loaded from, the instance)
+_default: Optional[Tuple[Tuple[str, int], Reconstructor]] = None  # ((asset cache, threads), the instance)
 
 
-def default_reconstructor() -> Reconstructor:
+def default_reconstructor(threads: int = 1) -> Reconstructor:
     """The shared instance behind ``reconstruct()`` (the CLI, the add-on and the tests use it, so the
-    models load once per process).  When the asset cache folder changes (the add-on's preference), a
-    new instance loads, and verifies, the models from there."""
+    models load once per process).  When the asset cache folder changes (the add-on's preference) or
+    the thread count does, a new instance loads, and verifies, the models from there."""
     global _default
-    key = str(assets.cache_dir())
+    key = (str(assets.cache_dir()), int(threads))
     with _default_lock:
         if _default is None or _default[0] != key:
-            _default = (key, Reconstructor())
+            _default = (key, Reconstructor(threads=int(threads)))
         return _default[1]
 
 
@@ -317,7 +324,9 @@ def reconstruct(
     texture_size: int = 1024,
     passes: int = 2,
     progress: Optional[ProgressFn] = None,
+    threads: int = 1,
 ) -> Result:
-    """Reconstruct the (largest, or ``face_index``-th) face of a photo.  Raises FG3DError on bad input."""
+    """Reconstruct the (largest, or ``face_index``-th) face of a photo.  Raises FG3DError on bad input.
+    ``threads``: onnxruntime's threads per network (0 = its default, one per core)."""
     opts = Options(face_index=face_index, refine=refine, texture_size=texture_size, passes=passes)
-    return default_reconstructor().reconstruct(photo, opts, progress)
+    return default_reconstructor(threads).reconstruct(photo, opts, progress)

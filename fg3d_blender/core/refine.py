@@ -7,6 +7,9 @@ pipeline keeps the coarse shape.
 The network is trained on exactly the fits this pipeline makes (the coarse stage with its landmark
 refit, ``training``), with exactly these inputs (``fgnet_inputs``), so its whole difference is added,
 at every pose.
+
+The network runs on onnxruntime (``onnx_models.FGNetModel``); training builds a refiner around the torch
+``FGNet`` instead (its teacher), which has the same ``predict``.
 """
 
 from __future__ import annotations
@@ -14,42 +17,50 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import numpy as np
-import torch
 
 from .assets import bundled
-from .fgnet import FGNet, load_checkpoint
 from .fgnet_inputs import fgnet_inputs, load_shape_range
-from .morphable import FaceModel, Fit
+from .morphable import BACKENDS, FaceModel, Fit
+from .onnx_models import FGNetModel
 
 
 class FGNetRefiner:
-    """A network, the face model it works on and the FGNet input settings (UV size, shape range)."""
+    """A network, the face model it works on and the FGNet input settings (UV size, shape range).  ``net``
+    is an ``FGNetModel`` (onnxruntime) or a torch ``FGNet`` in eval mode: anything with ``predict``."""
 
     def __init__(
         self,
-        net: FGNet,
+        net,
         fm: FaceModel,
         uv_size: int,
         info: Optional[dict] = None,
         shape_range: Optional[Tuple[float, float]] = None,
     ):
-        self.net, self.fm, self.uv_size, self.info = net.eval(), fm, int(uv_size), info or {}
+        self.net, self.fm, self.uv_size, self.info = net, fm, int(uv_size), info or {}
         self.shape_range = shape_range or load_shape_range()
 
     @classmethod
-    def load(cls, fm: FaceModel) -> Optional[FGNetRefiner]:
-        """The bundled weights (sha256-checked), or None when none are installed."""
+    def load(cls, fm: FaceModel, threads: int = 1, backend: str = "onnxruntime") -> Optional[FGNetRefiner]:
+        """The bundled weights (sha256-checked) on onnxruntime with ``threads`` threads (``backend="torch"``:
+        the torch network, for the comparisons), or None when none are installed."""
         entry = bundled("fgnet")
         if entry is None:
             return None
-        return cls(load_checkpoint(entry["file"]), fm, entry["meta"]["uv_size"], entry)
+        if backend == "torch":
+            from .fgnet import load_checkpoint  # why: torch, only for the comparisons and training
+
+            net = load_checkpoint(entry["file"])
+        elif backend == "onnxruntime":
+            net = FGNetModel.load(entry, threads)
+        else:
+            raise ValueError(f"backend {backend!r} is not one of {BACKENDS}")
+        return cls(net, fm, entry["meta"]["uv_size"], entry)
 
     def difference(self, image: np.ndarray, fit: Fit) -> np.ndarray:
         """The UV shape-difference map (S,S,3) in mm for a photo and its fit."""
         inp = fgnet_inputs(image, fit, self.fm, self.uv_size, self.shape_range)
-        with torch.inference_mode():
-            d = self.net(*inp.tensors())[0]
-        return np.ascontiguousarray(d.permute(1, 2, 0).numpy(), dtype=np.float32)
+        d = self.net.predict(*inp.arrays())[0]
+        return np.ascontiguousarray(d.transpose(1, 2, 0), dtype=np.float32)
 
     def refine(self, image: np.ndarray, fit: Fit) -> np.ndarray:
         """Refined vertices (N,3) mm for a 3DMM fit."""
