@@ -130,7 +130,7 @@ def wanted_wheels() -> Dict[str, str]:
 
 
 def pip_options() -> List[str]:
-    """The list's index options (torch's CPU index), for ``pip wheel``."""
+    """The list's pip options (index URLs, if any), for ``pip wheel``."""
     return _runtime_list()[0]
 
 

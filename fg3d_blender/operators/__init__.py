@@ -19,7 +19,7 @@ def _classes():
 def register():
     import bpy  # inside Blender only
 
-    from ..core import dependencies
+    from ..core import dependencies  # standard library only: safe before anything is installed
     from . import prefs, ui  # they import bpy
 
     dependencies.add_to_path(prefs.deps_dir())  # what Install Dependencies put there (if anything)

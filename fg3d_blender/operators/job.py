@@ -40,7 +40,7 @@ class Settings:
     refine: bool = True
     face_index: int = 0
     texture_size: int = 1024
-    threads: int = 0  # 0 = leave torch's default
+    threads: int = 0  # onnxruntime's CPU threads per network (0 = automatic: one)
     env: Dict[str, str] = field(default_factory=dict)  # FG3D_CACHE_DIR / FG3D_ASSET_MIRROR from prefs
 
 
@@ -79,16 +79,13 @@ def run_pipeline(
     from ..core.pipeline import reconstruct  # the heavy imports: at the first run, never at enable time
 
     apply_environment(settings)
-    if settings.threads > 0:
-        import torch  # with the pipeline: it is loaded by then
-
-        torch.set_num_threads(int(settings.threads))
     return reconstruct(
         settings.filepath,
         face_index=settings.face_index,
         refine=settings.refine,
         texture_size=settings.texture_size,
         progress=progress,
+        threads=settings.threads or 1,  # automatic = 1: more threads were never faster (issue 15)
     )
 
 

@@ -43,7 +43,7 @@ class FG3D_AddonPreferences(bpy.types.AddonPreferences):
         default=0,
         min=0,
         max=256,
-        description="CPU threads for the neural network (0 = automatic)",
+        description="CPU threads for the neural networks (0 = automatic: one, the fastest measured)",
     )
 
     def draw(self, context):
