@@ -628,6 +628,7 @@ _LEGACY_SCRIPT = textwrap.dedent("""
     out["keys"] = [k.name for k in ob.data.shape_keys.key_blocks]
     out["packed"] = ob.active_material.node_tree.nodes["Face texture"].image.packed_file is not None
     out["depth"] = ob["fg3d_depth"].packed_file is not None
+    bpy.context.preferences.view.show_splash = False  # the windowed test's screenshots show the view
     bpy.ops.wm.save_userpref()
     print("FG3D-JSON " + json.dumps(out), flush=True)
 """)
@@ -819,6 +820,8 @@ _GUI_SCRIPT = textwrap.dedent("""
                 S["labels"].append(label)
         el = now - t["t0"]
         if t["phase"] == "cancel" and el > 0.5 and "esc" not in S:
+            if ops.running:
+                shot("progress")  # the run about to be cancelled: the status bar shows its stage
             S["esc"] = True
             win = bpy.context.window_manager.windows[0]
             win.event_simulate('ESC', 'PRESS')
