@@ -90,8 +90,8 @@ def installed_version(req: Requirement) -> Optional[str]:
 
 
 def status(reqs: Optional[List[Requirement]] = None) -> List[Tuple[Requirement, Optional[str]]]:
-    """Each requirement with the version found (None: missing)."""
-    importlib.invalidate_caches()
+    """Each requirement with the version found (None: missing).  Import caches are left alone (the
+    preferences call this while a worker thread may be importing; ``add_to_path`` refreshes them)."""
     return [(r, installed_version(r)) for r in (reqs if reqs is not None else read_requirements()[1])]
 
 

@@ -69,6 +69,14 @@ def preflight(settings: Settings) -> Optional[str]:
     return None
 
 
+def import_pipeline() -> None:
+    """Import the pipeline and its compiled dependencies (numpy, scipy, OpenCV, dlib, onnxruntime) on
+    the calling thread, the main one, before a worker starts: Blender 3.4 segfaulted when the worker
+    imported scipy while the main thread ran Python (a UI timer, the panel's draw).  The worker then
+    runs only code that is already imported."""
+    from ..core import pipeline  # noqa: F401 - importing it is the point (~1 s, once)
+
+
 def run_pipeline(
     settings: Settings,
     progress: Optional[Callable[[str, float], None]] = None,

@@ -32,6 +32,7 @@ from .job import (
     Settings,
     apply_environment,
     error_line,
+    import_pipeline,
     preflight,
     run_pipeline,
     running,
@@ -203,6 +204,7 @@ class FG3D_OT_reconstruct(_ModalJob, bpy.types.Operator):
             self.report({"ERROR"}, problem)
             return {"CANCELLED"}
         if _interactive(self, context):
+            import_pipeline()  # on the main thread, see job.import_pipeline
             return self._start_modal(context, Job(settings))
         try:
             result = run_pipeline(settings, progress=_print_progress if bpy.app.background else None)
