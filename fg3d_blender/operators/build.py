@@ -214,9 +214,9 @@ def _free_spot(scene, start: Vector, verts_m: np.ndarray) -> Vector:
     boxes = []  # (min corner, max corner) of each earlier result, world space
     for other in scene.objects:
         if other.type == "MESH" and PROP_SOURCE in other:
-            corners = np.array([tuple(other.matrix_world @ Vector(c)) for c in other.bound_box])
+            corners = np.array([(other.matrix_world @ Vector(c))[:] for c in other.bound_box])
             boxes.append((corners.min(0), corners.max(0)))
-    spot = np.array(tuple(start), np.float64)
+    spot = np.array(start[:], np.float64)
     for _ in range(len(boxes) + 1):
         hit = [b1 for b0, b1 in boxes if np.all(b0 < spot + hi) and np.all(spot + lo < b1)]
         if not hit:
