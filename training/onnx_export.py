@@ -73,35 +73,31 @@ class _Graph:
         return out
 
 
-def _conv(g: _Graph, name: str, m: nn.Conv2d, x: str) -> str:
-    if not isinstance(m.padding, tuple) or m.padding_mode != "zeros":
-        raise ValueError(f"{name}: only explicit zero padding is exported")
+def _conv_node(g: _Graph, name: str, m, x: str, op: str, **extra) -> str:
+    """A Conv or ConvTranspose node with the module's weights, kernel, strides, padding and dilation."""
     inputs = [x, g.weight(f"{name}.weight")] + ([g.weight(f"{name}.bias")] if m.bias is not None else [])
     ph, pw = m.padding
     return g.node(
-        "Conv",
+        op,
         inputs,
         kernel_shape=list(m.kernel_size),
         strides=list(m.stride),
         pads=[ph, pw, ph, pw],
         dilations=list(m.dilation),
-        group=m.groups,
+        **extra,
     )
+
+
+def _conv(g: _Graph, name: str, m: nn.Conv2d, x: str) -> str:
+    if not isinstance(m.padding, tuple) or m.padding_mode != "zeros":
+        raise ValueError(f"{name}: only explicit zero padding is exported")
+    return _conv_node(g, name, m, x, "Conv", group=m.groups)
 
 
 def _tconv(g: _Graph, name: str, m: nn.ConvTranspose2d, x: str) -> str:
     if any(m.output_padding) or m.groups != 1:
         raise ValueError(f"{name}: output padding and groups are not exported")
-    inputs = [x, g.weight(f"{name}.weight")] + ([g.weight(f"{name}.bias")] if m.bias is not None else [])
-    ph, pw = m.padding
-    return g.node(
-        "ConvTranspose",
-        inputs,
-        kernel_shape=list(m.kernel_size),
-        strides=list(m.stride),
-        pads=[ph, pw, ph, pw],
-        dilations=list(m.dilation),
-    )
+    return _conv_node(g, name, m, x, "ConvTranspose")
 
 
 def _bn(g: _Graph, name: str, m: nn.BatchNorm2d, x: str) -> str:

@@ -23,7 +23,7 @@ import pickle
 import shutil
 import urllib.request
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Dict, Iterable, Optional
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Optional
 
 from .atomic import atomic_file, remove_stale
 from .errors import FG3DError
@@ -324,11 +324,12 @@ def asset_report() -> Dict[str, str]:
     ``present`` (the right size, checked at first use), ``in mirror`` (copied at first use),
     ``wrong size`` or ``missing``."""
     mirror = os.environ.get(MIRROR_ENV)
+    root = cache_dir()
     out: Dict[str, str] = {}
     for rel, entry in manifest().items():
         if not entry.get("required", True):
             continue
-        path = cache_dir() / rel
+        path = root / rel
         try:
             st = path.stat()
         except OSError:
@@ -339,6 +340,11 @@ def asset_report() -> Dict[str, str]:
         else:
             out[rel] = "present" if st.st_size == entry["size"] else "wrong size"
     return out
+
+
+def unusable_assets(report: Dict[str, str]) -> List[str]:
+    """The assets of an ``asset_report`` that a run cannot use until Fetch Assets (missing, wrong size)."""
+    return sorted(rel for rel, state in report.items() if state in ("missing", "wrong size"))
 
 
 def cache_bytes() -> int:

@@ -14,11 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..core import dependencies
-from ..core.assets import asset_report
+from ..core.assets import asset_report, unusable_assets
 from ..core.errors import FG3DError
 
 FETCH_HINT = "open Preferences › Add-ons › FG3D › Fetch Assets"
-DEPS_ENV = "FG3D_DEPS_DIR"  # Settings.env key: the folder the dependency installer writes to
 
 STAGE_LABELS = {
     "models": "Loading models",
@@ -59,10 +58,9 @@ def preflight(settings: Settings) -> Optional[str]:
     if line is not None:
         return line
     try:
-        report = asset_report()
+        bad = unusable_assets(asset_report())
     except FG3DError as exc:
         return str(exc)
-    bad = sorted(rel for rel, state in report.items() if state in ("missing", "wrong size"))
     if bad:
         more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
         return f"FG3D: model files are missing ({bad[0]}{more}): {FETCH_HINT}"

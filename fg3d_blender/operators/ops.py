@@ -15,8 +15,8 @@ what is missing, in a Blender that has none of them yet.
 
 from __future__ import annotations
 
+import functools
 import sys
-from pathlib import Path
 from typing import Any, Optional
 
 import bpy
@@ -26,7 +26,6 @@ from ..core import choices, dependencies
 from ..core.assets import cache_dir, fetch_assets, manifest
 from . import prefs
 from .job import (
-    DEPS_ENV,
     STAGE_LABELS,
     Job,
     Settings,
@@ -118,6 +117,19 @@ class _ModalJob:
             self._job.cancel()
         self._stop(context)
 
+    def _run_job(self, context, settings: Settings, target):
+        """``target(settings, progress=…, cancelled=…)`` modal in a worker thread when the UI started the
+        operator, else here and now (progress printed in background mode); the result goes to
+        ``_apply``, a failure is one reported line."""
+        if _interactive(self, context):
+            return self._start_modal(context, Job(settings, target=target))
+        try:
+            result = target(settings, progress=_print_progress if bpy.app.background else None)
+        except Exception as exc:  # noqa: BLE001 - one line for the user, no traceback
+            self.report({"ERROR"}, error_line(exc))  # type: ignore[attr-defined]
+            return {"CANCELLED"}
+        return self._apply(context, result)
+
     def _apply(self, context, result):
         raise NotImplementedError
 
@@ -203,15 +215,8 @@ class FG3D_OT_reconstruct(_ModalJob, bpy.types.Operator):
         if problem is not None:
             self.report({"ERROR"}, problem)
             return {"CANCELLED"}
-        if _interactive(self, context):
-            import_pipeline()  # on the main thread, see job.import_pipeline
-            return self._start_modal(context, Job(settings))
-        try:
-            result = run_pipeline(settings, progress=_print_progress if bpy.app.background else None)
-        except Exception as exc:  # noqa: BLE001 - one line for the user, no traceback
-            self.report({"ERROR"}, error_line(exc))
-            return {"CANCELLED"}
-        return self._apply(context, result)
+        import_pipeline()  # on the main thread, before any worker: see job.import_pipeline
+        return self._run_job(context, settings, run_pipeline)
 
     def _apply(self, context, result):
         if result is None:
@@ -266,15 +271,7 @@ class FG3D_OT_fetch_assets(_ModalJob, bpy.types.Operator):
     synchronous: BoolProperty(default=False, options={"HIDDEN", "SKIP_SAVE"})  # type: ignore[valid-type]
 
     def execute(self, context):
-        settings = Settings(filepath="", threads=0, env=prefs.environment(context))
-        if _interactive(self, context):
-            return self._start_modal(context, Job(settings, target=_fetch))
-        try:
-            n = _fetch(settings)
-        except Exception as exc:  # noqa: BLE001
-            self.report({"ERROR"}, error_line(exc))
-            return {"CANCELLED"}
-        return self._apply(context, n)
+        return self._run_job(context, Settings(filepath="", env=prefs.environment(context)), _fetch)
 
     def _apply(self, context, result):
         self.report({"INFO"}, f"FG3D: assets ready in {cache_dir()} ({result or 0} fetched now)")
@@ -282,8 +279,8 @@ class FG3D_OT_fetch_assets(_ModalJob, bpy.types.Operator):
         return {"FINISHED"}
 
 
-def _install(settings: Settings, progress=None, cancelled=None):
-    return dependencies.install(Path(settings.env[DEPS_ENV]), progress=progress, cancelled=cancelled)
+def _install(folder, settings: Settings, progress=None, cancelled=None):
+    return dependencies.install(folder, progress=progress, cancelled=cancelled)
 
 
 class FG3D_OT_install_dependencies(_ModalJob, bpy.types.Operator):
@@ -298,16 +295,8 @@ class FG3D_OT_install_dependencies(_ModalJob, bpy.types.Operator):
     synchronous: BoolProperty(default=False, options={"HIDDEN", "SKIP_SAVE"})  # type: ignore[valid-type]
 
     def execute(self, context):
-        folder = prefs.deps_dir()
-        settings = Settings(filepath="", threads=0, env={DEPS_ENV: str(folder)})
-        if _interactive(self, context):
-            return self._start_modal(context, Job(settings, target=_install))
-        try:
-            pins = _install(settings, _print_progress if bpy.app.background else None)
-        except Exception as exc:  # noqa: BLE001
-            self.report({"ERROR"}, error_line(exc))
-            return {"CANCELLED"}
-        return self._apply(context, pins)
+        folder = prefs.deps_dir()  # bpy: read here on the main thread, never in the worker
+        return self._run_job(context, Settings(filepath=""), functools.partial(_install, folder))
 
     def _apply(self, context, result):
         prefs.refresh_status()

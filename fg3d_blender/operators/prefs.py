@@ -13,7 +13,15 @@ import bpy
 from bpy.props import IntProperty, StringProperty
 
 from ..core import dependencies
-from ..core.assets import CACHE_ENV, MIRROR_ENV, asset_report, cache_bytes, cache_dir, manifest
+from ..core.assets import (
+    CACHE_ENV,
+    MIRROR_ENV,
+    asset_report,
+    cache_bytes,
+    cache_dir,
+    manifest,
+    unusable_assets,
+)
 from ..core.errors import FG3DError
 from .job import running_label
 
@@ -74,23 +82,25 @@ def status() -> Dict[str, Any]:
         _status["deps"] = [(r, v) for r, v in dependencies.status() if r.module is not None]
     except FG3DError as exc:
         _status["deps"], _status["deps_error"] = [], str(exc)
+    _status["missing_modules"] = [r.module for r, v in _status["deps"] if v is None]
     try:
         _status["assets"] = asset_report()
         _status["cache"] = (str(cache_dir()), cache_bytes())
     except FG3DError as exc:
         _status["assets"], _status["cache"], _status["assets_error"] = {}, None, str(exc)
+    _status["unusable_assets"] = unusable_assets(_status["assets"])
     return _status
 
 
 def draw_preferences(layout, prefs) -> None:
     st = status()
     box = layout.box()
-    missing = [r.module for r, v in st["deps"] if v is None]
+    missing = st["missing_modules"]
     head = box.row()
     if st.get("deps_error"):
         head.label(text=st["deps_error"], icon="ERROR")
     elif missing:
-        head.label(text=f"Missing Python modules: {', '.join(m for m in missing if m)}", icon="ERROR")
+        head.label(text=f"Missing Python modules: {', '.join(missing)}", icon="ERROR")
     else:
         head.label(text="Python modules: all present", icon="CHECKMARK")
     grid = box.grid_flow(columns=2, even_columns=True)
@@ -106,7 +116,7 @@ def draw_preferences(layout, prefs) -> None:
     if st.get("assets_error"):
         box.label(text=st["assets_error"], icon="ERROR")
     else:
-        bad = sorted(rel for rel, s in assets.items() if s in ("missing", "wrong size"))
+        bad = st["unusable_assets"]
         ok = sum(1 for s in assets.values() if s in ("verified", "present"))
         box.label(
             text=f"Model files: {ok} of {len(assets)} present" + (f", {len(bad)} missing" if bad else ""),

@@ -98,8 +98,7 @@ class FG3D_PT_reconstruct(bpy.types.Panel):
 def _draw_setup_needed(layout) -> bool:
     """A box with the button that fixes a missing dependency or model file; True when nothing is missing."""
     st = prefs.status()
-    missing = [r.module for r, v in st["deps"] if v is None]
-    if missing or st.get("deps_error"):
+    if st["missing_modules"] or st.get("deps_error"):
         box = layout.box()
         box.label(text="Python modules missing", icon="ERROR")
         box.operator("fg3d.install_dependencies", icon="CONSOLE")
@@ -107,7 +106,7 @@ def _draw_setup_needed(layout) -> bool:
         if label:
             box.label(text=label, icon="TIME")
         return False
-    bad = [rel for rel, state in st["assets"].items() if state in ("missing", "wrong size")]
+    bad = st["unusable_assets"]
     if bad or st.get("assets_error"):
         box = layout.box()
         box.label(text=f"{len(bad)} model files missing" if bad else "Asset cache unusable", icon="ERROR")
