@@ -819,7 +819,7 @@ _GUI_SCRIPT = textwrap.dedent("""
             if label not in S["labels"]:
                 S["labels"].append(label)
         el = now - t["t0"]
-        if t["phase"] == "cancel" and el > 0.5 and "esc" not in S:
+        if t["phase"] == "cancel" and el > 0.2 and "esc" not in S:
             S["esc"] = True
             win = bpy.context.window_manager.windows[0]
             win.event_simulate('ESC', 'PRESS')
@@ -935,7 +935,8 @@ _GUI_SCRIPT = textwrap.dedent("""
         ui_region = next(r for r in ctx()["area"].regions if r.type == 'UI')
         if hasattr(ui_region, "active_panel_category"):
             ui_region.active_panel_category = "FG3D"
-        S["cancel_ret"] = invoke()
+        # the slowest options, so that Esc (0.2 s in) lands mid-run even with the models cached
+        S["cancel_ret"] = invoke(refine=True, texture_size='2048')
         t["t0"] = time.monotonic()
         bpy.app.timers.register(tick, first_interval=0.05)
 
