@@ -136,10 +136,11 @@ def bake_texture(image: np.ndarray, renders: Renders, fm: FaceModel, size: int) 
         image[face.slices],
         face.vertices,
         renders.facing,
-        fm.uv_raster(size),
+        fm.uv_raster(texture.geometry_size(size)),
         fm.triangles,
         face.raster.depth,
         renders.tolerance,
+        size,
     )
     return tex
 

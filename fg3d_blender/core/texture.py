@@ -1,17 +1,22 @@
 """Stage 5 — the UV texture: the photo sampled at each texel's projected position.
 
 Texels whose surface point is hidden (z-buffer test) take the colour of their left–right mirror texel
-(the BFM UV layout is symmetric, u ↔ 1 − u) when that one is fully visible; texels seen at a grazing
-angle blend the photo into that fill; what is still empty, and the
-area outside the layout, is filled by push–pull (masked pyramid averaging), which leaves no seams.
+(the BFM UV layout is symmetric, u ↔ 1 − u, and covers the whole square) when that one is fully
+visible; texels seen at a grazing angle blend the photo into that fill; what is still empty is filled by
+push–pull (masked pyramid averaging), which leaves no seams.  The geometry (where each texel lands in
+the photo, whether it is seen there, its weight) and the push–pull fill are computed on a smaller UV
+raster (``geometry_size``) and upsampled; the photo is read once per texel at full size.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import cv2
 import numpy as np
 
-from .render import Raster, interpolate, remap_at, texel_visibility
+from .. import render_ext as rx
+from .render import Raster, interpolate, texel_visibility
 
 MIN_FACING = 0.2  # cosine between surface normal and view direction below which a texel is not trusted
 FACING_RAMP = 0.25  # above MIN_FACING + this, the photo alone gives the texel's colour
@@ -50,6 +55,14 @@ def push_pull_fill(img: np.ndarray, known: np.ndarray) -> np.ndarray:
     return cv2.copyTo(img, known.astype(np.uint8), out)
 
 
+def geometry_size(size: int) -> int:
+    """The UV raster size at which the texture's geometry (texel positions in the photo, visibility,
+    weights and the smooth fill) is computed for a size×size texture: a quarter of it, at least 256 (or
+    the texture's own size when smaller).  Those maps are smooth (linear over each triangle, or a fill),
+    so they are upsampled; only the photo's colours are read at full resolution."""
+    return min(int(size), max(256, int(size) // 4))
+
+
 def make_texture(
     image: np.ndarray,
     image_vertices: np.ndarray,
@@ -58,25 +71,41 @@ def make_texture(
     triangles: np.ndarray,
     zbuffer: np.ndarray,
     tolerance: float = 2.0,
+    size: Optional[int] = None,
 ):
-    """UV texture (S,S,3) uint8 BGR and the photo's weight per texel (S,S) float32 in [0,1], S the size
-    of ``uv_raster`` (the face model's UV layout).
+    """UV texture (S,S,3) uint8 BGR and the photo's weight per texel (S,S) float32 in [0,1].
 
-    ``view_normal_z``: per-vertex cosine between the posed normal and the direction to the camera.
-    A visible texel's weight ramps from 0 at ``MIN_FACING`` to 1 at ``MIN_FACING + FACING_RAMP``;
+    ``uv_raster`` is the face model's UV layout rasterized at ``geometry_size(S)`` (G); ``size`` is S
+    (default G).  ``view_normal_z``: per-vertex cosine between the posed normal and the direction to the
+    camera.  A visible texel's weight ramps from 0 at ``MIN_FACING`` to 1 at ``MIN_FACING + FACING_RAMP``;
     where it is below 1 the photo is blended with the fill (mirror texel, else push–pull), so grazing
     surfaces fade into the filled side instead of ending at a seam.
+
+    Everything at G is float and small.  At S there are only upsamplings (texel positions, weight, fill),
+    one ``cv2.remap`` of the photo (the stage's floor) and one compiled uint8 compose
+    (``render_ext.compose_texture``).  With ``uv_raster`` at S itself, every map is computed at full size
+    (the reference the tests compare the fast path with).
     """
     r = uv_raster
+    g = r.tri_id.shape[0]
+    s = g if size is None else int(size)
     attrs = np.column_stack([image_vertices, view_normal_z])
     interp = interpolate(r, triangles, attrs)
-    pos, layout, facing = interp[:, :, :3], r.mask, interp[:, :, 3]
-    vis = texel_visibility(pos, layout, zbuffer, tolerance, facing, MIN_FACING)
-    weight = np.where(vis, np.clip((facing - MIN_FACING) / FACING_RAMP, 0.0, 1.0), 0.0).astype(np.float32)
-    photo = remap_at(image, pos)
-    solid = weight >= 1.0
-    use_mirror = layout & ~solid & solid[:, ::-1]
-    fill = cv2.copyTo(np.ascontiguousarray(photo[:, ::-1]), use_mirror.astype(np.uint8), photo.copy())
-    fill = push_pull_fill(fill, solid | use_mirror)
-    tex = cv2.blendLinear(photo, fill, weight, np.ascontiguousarray(1.0 - weight))
-    return np.ascontiguousarray(tex), weight
+    pos, facing = interp[:, :, :3], interp[:, :, 3]
+    vis = texel_visibility(pos, r.mask, zbuffer, tolerance, facing, MIN_FACING)
+    weight = np.where(vis, np.clip((facing - MIN_FACING) / FACING_RAMP, 0.0, 1.0), 0.0)
+    weight8 = (weight * 255.0 + 0.5).astype(np.uint8)
+    xy = np.ascontiguousarray(pos[:, :, :2])
+    photo_g = cv2.remap(image, xy, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    solid = weight8 == 255
+    use_mirror = ~solid & solid[:, ::-1]
+    fill = push_pull_fill(
+        cv2.copyTo(cv2.flip(photo_g, 1), use_mirror.astype(np.uint8), photo_g), solid | use_mirror
+    )
+    if s != g:
+        xy, weight8, fill = (
+            cv2.resize(a, (s, s), interpolation=cv2.INTER_LINEAR) for a in (xy, weight8, fill)
+        )
+    photo = cv2.remap(image, xy, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    tex = rx.compose_texture(photo, weight8, np.ascontiguousarray(fill))
+    return tex, weight8.astype(np.float32) * np.float32(1.0 / 255.0)

@@ -128,3 +128,40 @@ def sample_bilinear(const float[:, :, ::1] image, const float[:, ::1] points):
                 out[i, c] = ((1 - fy) * ((1 - fx) * image[y0, x0, c] + fx * image[y0, x1, c])
                              + fy * ((1 - fx) * image[y1, x0, c] + fx * image[y1, x1, c]))
     return out_np
+
+
+
+def compose_texture(const unsigned char[:, :, ::1] photo, const unsigned char[:, ::1] weight,
+                    const unsigned char[:, :, ::1] fill):
+    """The texture's last pass, one read of each (S,S) map: ``photo`` (S,S,3) blended by ``weight``
+    (S,S; 255 = the photo alone, 0 = the fill alone) with the fill, which is the left–right mirror texel
+    (column S−1−c) where that one has weight 255, else ``fill`` (S,S,3).  Returns (S,S,3) uint8."""
+    cdef Py_ssize_t s = photo.shape[0], r, c, k, m
+    if (photo.shape[1] != s or weight.shape[0] != s or weight.shape[1] != s or fill.shape[0] != s
+            or fill.shape[1] != s):
+        raise ValueError("photo, weight and fill must all be S×S")
+    out_np = np.empty((s, s, 3), dtype=np.uint8)
+    cdef unsigned char[:, :, ::1] out = out_np
+    if s == 0:
+        return out_np
+    cdef const unsigned char* ph = &photo[0, 0, 0]
+    cdef const unsigned char* wt = &weight[0, 0]
+    cdef const unsigned char* fl = &fill[0, 0, 0]
+    cdef unsigned char* o = &out[0, 0, 0]
+    cdef const unsigned char* src
+    cdef unsigned int w, v
+    cdef Py_ssize_t i, j
+    with nogil:
+        for r in range(s):
+            for c in range(s):
+                i = r * s + c
+                w = wt[i]
+                if w == 255:
+                    o[3 * i] = ph[3 * i]; o[3 * i + 1] = ph[3 * i + 1]; o[3 * i + 2] = ph[3 * i + 2]
+                    continue
+                m = r * s + s - 1 - c
+                src = ph + 3 * m if wt[m] == 255 else fl + 3 * i
+                for k in range(3):
+                    v = ph[3 * i + k] * w + src[k] * (255 - w) + 127
+                    o[3 * i + k] = <unsigned char>(v // 255)
+    return out_np
