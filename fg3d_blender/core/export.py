@@ -12,6 +12,7 @@ import io
 import json
 import os
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional
 
@@ -44,16 +45,32 @@ def _rows(fmt: str, array: np.ndarray) -> str:
     return ((fmt + "\n") * len(array)) % tuple(array.ravel().tolist())
 
 
+_OBJ_TOPOLOGY: List[tuple] = []  # [(uvs, triangles, their "vt …" + "f …" text)]: the last layout written
+
+
+def _obj_topology(uvs: np.ndarray, triangles: np.ndarray) -> str:
+    """The OBJ's UV and face lines (two thirds of its text), formatted once per mesh layout: every
+    photo's mesh has the same UVs and triangles, only the vertex lines change."""
+    if _OBJ_TOPOLOGY:
+        u, t, text = _OBJ_TOPOLOGY[0]
+        if np.array_equal(u, uvs) and np.array_equal(t, triangles):
+            return text
+    text = (
+        _rows("vt %.6f %.6f", uvs)
+        + "usemtl face\ns 1\n"
+        + _rows("f %d/%d %d/%d %d/%d", np.repeat(triangles + 1, 2, axis=1))
+    )
+    _OBJ_TOPOLOGY[:] = [(uvs.copy(), triangles.copy(), text)]
+    return text
+
+
 def write_obj(obj_path: str, mtl_path: str, mtl_name: str, tex_name: str, result) -> None:
-    v, uv, tri = result.vertices, result.uvs, result.triangles + 1
     with open(mtl_path, "w", encoding="utf-8") as f:
         f.write(f"newmtl face\nKa 1 1 1\nKd 1 1 1\nKs 0 0 0\nd 1\nillum 1\nmap_Kd {tex_name}\n")
     with open(obj_path, "w", encoding="utf-8") as f:
         f.write(f"# fg3d-blender face mesh, millimetres\nmtllib {mtl_name}\n")
-        f.write(_rows("v %.4f %.4f %.4f", v))
-        f.write(_rows("vt %.6f %.6f", uv))
-        f.write("usemtl face\ns 1\n")
-        f.write(_rows("f %d/%d %d/%d %d/%d", np.repeat(tri, 2, axis=1)))
+        f.write(_rows("v %.4f %.4f %.4f", result.vertices))
+        f.write(_obj_topology(result.uvs, result.triangles))
 
 
 def write_ply(path: str, result) -> None:
@@ -91,7 +108,7 @@ class _GlbBuffer:
             v["target"] = target
         self.views.append(v)
         pad = (-len(data)) % 4
-        self.chunks.append(data + b"\0" * pad)
+        self.chunks += [data, b"\0" * pad]  # written one after the other, never joined (no copy)
         self.offset += len(data) + pad
         return len(self.views) - 1
 
@@ -105,23 +122,47 @@ class _GlbBuffer:
         self.accessors.append(a)
         return len(self.accessors) - 1
 
-    def sparse_vec3(self, count: int, rows: np.ndarray, values: np.ndarray) -> int:
-        """A VEC3 float accessor of ``count`` zeros but ``values`` at ``rows`` (sparse storage)."""
-        a = {
-            "componentType": 5126,
-            "count": count,
-            "type": "VEC3",
-            "min": np.minimum(values.min(0), 0).tolist() if len(rows) else [0.0] * 3,
-            "max": np.maximum(values.max(0), 0).tolist() if len(rows) else [0.0] * 3,
-        }
-        if len(rows):
+    def sparse_vec3(self, count: int, target: _SparseTarget) -> int:
+        """A VEC3 float accessor of ``count`` zeros but the target's values at its rows (sparse storage)."""
+        a = {"componentType": 5126, "count": count, "type": "VEC3", "min": target.lo, "max": target.hi}
+        if target.count:
             a["sparse"] = {
-                "count": len(rows),
-                "indices": {"bufferView": self.view(rows.astype("<u4").tobytes()), "componentType": 5125},
-                "values": {"bufferView": self.view(values.astype("<f4").tobytes())},
+                "count": target.count,
+                "indices": {"bufferView": self.view(target.rows), "componentType": 5125},
+                "values": {"bufferView": self.view(target.values)},
             }
         self.accessors.append(a)
         return len(self.accessors) - 1
+
+
+@dataclass(frozen=True)
+class _SparseTarget:
+    """One morph target as the GLB stores it: row indices (<u4) and displacements in metres (<f4) as
+    bytes, their count and bounds (zero included)."""
+
+    count: int
+    rows: bytes
+    values: bytes
+    lo: List[float]
+    hi: List[float]
+
+
+_MORPH_TARGETS: List[tuple] = []  # [(the ExpressionModes, its _SparseTargets)]: the last model written
+
+
+def _morph_targets(shapes) -> List[_SparseTarget]:
+    """The expression modes as sparse GLB morph targets, built once per model (they are the same for
+    every photo; building them was most of a GLB's time)."""
+    if _MORPH_TARGETS and _MORPH_TARGETS[0][0] is shapes:
+        return _MORPH_TARGETS[0][1]
+    targets = []
+    for rows, values in shapes.sparse(MORPH_MIN_MM):
+        m = (values / np.float32(1000.0)).astype("<f4")
+        lo = np.minimum(m.min(0), 0).tolist() if len(rows) else [0.0] * 3
+        hi = np.maximum(m.max(0), 0).tolist() if len(rows) else [0.0] * 3
+        targets.append(_SparseTarget(len(rows), rows.astype("<u4").tobytes(), m.tobytes(), lo, hi))
+    _MORPH_TARGETS[:] = [(shapes, targets)]
+    return targets
 
 
 def write_glb(path: str, result, texture_png: Optional[bytes] = None) -> None:
@@ -147,10 +188,7 @@ def write_glb(path: str, result, texture_png: Optional[bytes] = None) -> None:
     mesh = {"name": "FG3D_face", "primitives": [primitive]}
     if shapes is not None and len(weights):
         n = len(base)
-        primitive["targets"] = [
-            {"POSITION": buf.sparse_vec3(n, rows, values / np.float32(1000.0))}
-            for rows, values in shapes.sparse(MORPH_MIN_MM)
-        ]
+        primitive["targets"] = [{"POSITION": buf.sparse_vec3(n, t)} for t in _morph_targets(shapes)]
         mesh["weights"] = [float(w) for w in weights]
         mesh["extras"] = {"targetNames": list(shapes.names)}
     image = buf.view(texture_png if texture_png is not None else png_bytes(result.texture))
@@ -179,12 +217,13 @@ def write_glb(path: str, result, texture_png: Optional[bytes] = None) -> None:
     }
     js = json.dumps(gltf, separators=(",", ":")).encode("utf-8")
     js += b" " * ((-len(js)) % 4)
-    binary = b"".join(buf.chunks)
-    total = 12 + 8 + len(js) + 8 + len(binary)
+    total = 12 + 8 + len(js) + 8 + buf.offset
     with open(path, "wb") as f:
         f.write(struct.pack("<4sII", b"glTF", 2, total))
         f.write(struct.pack("<I4s", len(js), b"JSON") + js)
-        f.write(struct.pack("<I4s", len(binary), b"BIN\0") + binary)
+        f.write(struct.pack("<I4s", buf.offset, b"BIN\0"))
+        for chunk in buf.chunks:
+            f.write(chunk)
 
 
 def write_npz(path: str, result) -> None:
