@@ -233,3 +233,34 @@ def test_glb_texture_is_the_obj_texture_png(written):
     view = gltf["bufferViews"][gltf["images"][0]["bufferView"]]
     start = 20 + n + 8 + view.get("byteOffset", 0)
     assert data[start : start + view["byteLength"]] == (out / "face_texture.png").read_bytes()
+
+
+def test_obj_and_glb_caches_follow_the_mesh(result, tmp_path):
+    """The OBJ's UV and face lines and the GLB's morph targets are built once per layout and model; a
+    result with other UVs, triangles or vertices still gets exactly its own file."""
+    import io
+
+    def savetxt_obj(r):
+        ref = io.StringIO()
+        ref.write("# fg3d-blender face mesh, millimetres\nmtllib m.mtl\n")
+        np.savetxt(ref, r.vertices, fmt="v %.4f %.4f %.4f")
+        np.savetxt(ref, r.uvs, fmt="vt %.6f %.6f")
+        ref.write("usemtl face\ns 1\n")
+        np.savetxt(ref, np.repeat(r.triangles + 1, 2, axis=1), fmt="f %d/%d %d/%d %d/%d")
+        return ref.getvalue()
+
+    flipped = result.triangles[:, ::-1].copy()
+    others = [
+        result,
+        dataclasses.replace(result, vertices=result.vertices * 1.5),
+        dataclasses.replace(result, uvs=result.uvs * 0.5),
+        dataclasses.replace(result, triangles=flipped),
+        result,
+    ]
+    glbs = []
+    for i, r in enumerate(others):
+        out = tmp_path / str(i)
+        write_outputs(r, out, "m", ("obj", "glb"), ())
+        assert (out / "m.obj").read_text(encoding="utf-8") == savetxt_obj(r)
+        glbs.append((out / "m.glb").read_bytes())
+    assert glbs[0] == glbs[-1] and glbs[0] != glbs[1]
