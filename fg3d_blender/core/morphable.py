@@ -188,10 +188,13 @@ class FaceModel:
 
     def face_vertices(self, alpha_shp: np.ndarray, expression: Optional[np.ndarray] = None) -> np.ndarray:
         """The identity shape plus the expression (N,3) in mm (identity alone without expression)."""
-        v = self.shape_mm(alpha_shp)
+        return self.with_expression(self.shape_mm(alpha_shp), expression)
+
+    def with_expression(self, identity: np.ndarray, expression: Optional[np.ndarray]) -> np.ndarray:
+        """An identity shape (N,3, mm) with the expression weights applied (unchanged without them)."""
         if expression is not None and self.expressions is not None:
-            v = v + self.expressions.apply(expression)
-        return v
+            return identity + self.expressions.apply(expression)
+        return identity
 
     @cached_property
     def _basis_flat(self) -> np.ndarray:
@@ -275,6 +278,7 @@ class Fit:
     b: np.ndarray  # (3,)
     head_landmarks: Optional[np.ndarray] = None  # (68,2) the landmark head's prediction (last pass), image px
     expression: Optional[np.ndarray] = None  # (K,) weights of FaceModel.expressions, in [0, 1]
+    vertices_neutral: Optional[np.ndarray] = None  # (N,3) the identity alone (decoded once, with vertices)
 
     def project(self, vertices: np.ndarray) -> np.ndarray:
         return (vertices @ self.A.T + self.b).astype(np.float32)
@@ -363,7 +367,14 @@ def decode(params: np.ndarray, roi: np.ndarray, fm: FaceModel, dense: bool = Tru
     s = (sx + sy) / 2
     A = np.diag([sx, -sy, s]) @ p[:, :3] * 1000.0
     b = np.array([(p[0, 3] - 1) * sx + roi[0], (CROP_SIZE - p[1, 3]) * sy + roi[1], (p[2, 3] - 1) * s])
-    return Fit(params=params.astype(np.float32), roi_box=roi.astype(np.float32), vertices=verts, A=A, b=b)
+    return Fit(
+        params=params.astype(np.float32),
+        roi_box=roi.astype(np.float32),
+        vertices=verts,
+        A=A,
+        b=b,
+        vertices_neutral=verts,
+    )
 
 
 @dataclass(frozen=True)
@@ -458,14 +469,16 @@ def refit_to_landmarks(
     params = fit.params.copy()
     params[12:52] = x[:n_id]
     expression = x[n_id:].astype(np.float32) if ex is not None else None
+    neutral = fm.shape_mm(params[12:52]) if dense else None
     return Fit(
         params=params,
         roi_box=fit.roi_box,
-        vertices=fm.face_vertices(params[12:52], expression) if dense else None,
+        vertices=fm.with_expression(neutral, expression) if dense else None,
         A=A,
         b=np.array([b2[0], b2[1], fit.b[2]]),
         head_landmarks=fit.head_landmarks,
         expression=expression,
+        vertices_neutral=neutral,
     )
 
 

@@ -272,7 +272,9 @@ class Reconstructor:
         return Result(
             vertices=vertices,
             vertices_coarse=fit.vertices,
-            vertices_neutral=fm.shape_mm(fit.params[12:52]),
+            vertices_neutral=fit.vertices_neutral
+            if fit.vertices_neutral is not None
+            else fm.shape_mm(fit.params[12:52]),
             expression=fit.expression_named(fm),
             blendshapes=fm.expressions,
             triangles=fm.triangles,
