@@ -1,5 +1,6 @@
-"""The Blender add-on, tested with real Blender code: the bpy module (bpy==5.0.1) and, when a ``blender``
-binary is on PATH (Debian's 3.4.1: ``apt-get install blender``), that binary too.
+"""The Blender add-on, tested with real Blender code: the bpy module (bpy==5.0.1 in .venv; the zip with
+wheels and the legacy install also in bpy 4.2 LTS and 4.5 LTS, see ``BPY_VERSIONS``) and, when a
+``blender`` binary is on PATH (Debian's 3.4.1: ``apt-get install blender``), that binary too.
 
 The zip is built by ``build_addon.py``, installed as an extension (``extensions.package_install_files``)
 into a temporary ``BLENDER_USER_RESOURCES``, and its operator runs on a real photo; the legacy
@@ -12,13 +13,13 @@ from __future__ import annotations
 import ast
 import atexit
 import dataclasses
+import importlib.metadata
 import json
 import os
 import shlex
 import shutil
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import textwrap
 import time
@@ -51,6 +52,15 @@ DATA_KINDS = (
     "collections",
     "textures",
 )
+
+# The bpy releases the zip with wheels and the legacy install are tested in: the LTS lines 4.2 and 4.5
+# (newest patch releases on PyPI) and the 5.0 of requirements.txt.  Each runs in a venv of its own that
+# holds bpy and what bpy pulls, nothing else: what Blender's own Python has.  numpy is pinned to 1.26.4,
+# the numpy Blender 4.2-5.0 ship (bpy 4.5 and 5.0 require numpy<2, bpy 4.2 asks for any numpy).  All
+# three are Python 3.11 builds, like .venv, so the compiled renderer built there
+# (render_ext/_raster.cpython-311-*.so) is the one every zip holds: one build serves them all.
+BPY_VERSIONS = ("4.2.23", "4.5.15", importlib.metadata.version("bpy"))
+BPY_VENVS = ROOT / ".venv-bpy"  # gitignored; each venv is made on first use and kept (~20 s, 1 GB each)
 
 # Blender reads BLENDER_USER_RESOURCES once, when bpy is first imported: point it at a temporary folder
 # now (collection time) so that installing the add-on never touches a real Blender configuration.
@@ -107,6 +117,36 @@ def fg3d_addon_zip(tmp_path_factory):
     zips = list(out.glob("fg3d_blender-*.zip"))
     assert len(zips) == 1 and not list(out.glob(".*part"))
     return zips[0]
+
+
+@pytest.fixture(scope="module", params=BPY_VERSIONS)
+def bpy_only_python(request) -> str:
+    """The interpreter of a venv holding only bpy==VERSION and its requirements (made once, reused)."""
+    venv, reqs = BPY_VENVS / request.param, f"bpy=={request.param} numpy==1.26.4"
+    python, stamp = venv / "bin" / "python", venv / ".fg3d-stamp"
+    if not (stamp.is_file() and stamp.read_text() == reqs):
+        shutil.rmtree(venv, ignore_errors=True)
+        for cmd in (
+            [sys.executable, "-m", "venv", str(venv)],
+            [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *reqs.split()],
+        ):
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+            assert r.returncode == 0, f"{' '.join(cmd)}: {(r.stdout + r.stderr)[-3000:]}"
+        stamp.write_text(reqs)  # last: a venv left half-made by a failure is made again
+    return str(python)
+
+
+@pytest.fixture(scope="module")
+def fg3d_wheels_zip(tmp_path_factory):
+    """The zip with the dependency wheels (fetched once into the wheel cache; from pip's cache after
+    ``make setup``)."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        import build_addon
+    finally:
+        sys.path.remove(str(ROOT))
+    cache = build_addon.default_wheel_cache()
+    return build_addon.build(tmp_path_factory.mktemp("dist-wheels"), with_wheels=True, wheel_cache=cache)
 
 
 @pytest.fixture(scope="module")
@@ -586,9 +626,6 @@ def test_a_corrupt_or_misplaced_cache_chosen_in_preferences_gives_one_line(fg3d_
 _LEGACY_SCRIPT = textwrap.dedent("""
     import json, os, sys, time
     zip_path, photo, noface = sys.argv[-3:]
-    site = os.environ.get("FG3D_TEST_SITE")
-    if site:
-        sys.path.insert(0, site)  # the bpy module's run: torch, dlib, opencv… from the venv
     import bpy, addon_utils
     out = {"blender": bpy.app.version_string}
     out["install"] = sorted(bpy.ops.preferences.addon_install(filepath=zip_path))
@@ -650,14 +687,15 @@ def _json_line(stdout: str) -> dict:
     return json.loads(lines[-1][len("FG3D-JSON ") :])
 
 
-def test_legacy_addon_install_bpy(fg3d_addon_zip, tmp_path):
-    """``preferences.addon_install`` (the Blender 3.x way) in a fresh process: the installed copy runs."""
-    pytest.importorskip("bpy")
+def test_legacy_addon_install_bpy(fg3d_addon_zip, bpy_only_python, tmp_path):
+    """``preferences.addon_install`` (the Blender 3.x way) in a fresh process of a bpy-only venv: the
+    installed copy registers without its dependencies, says what is missing, Install Dependencies
+    (pip, for real) brings them and the installed copy runs."""
     user = tmp_path / "user"
     script = tmp_path / "legacy.py"
     script.write_text(_LEGACY_SCRIPT)
     r = subprocess.run(
-        [sys.executable, str(script), str(fg3d_addon_zip), str(PHOTO), str(_gradient_png(tmp_path))],
+        [bpy_only_python, str(script), str(fg3d_addon_zip), str(PHOTO), str(_gradient_png(tmp_path))],
         cwd=tmp_path,
         env=_blender_env(user),
         capture_output=True,
@@ -665,11 +703,16 @@ def test_legacy_addon_install_bpy(fg3d_addon_zip, tmp_path):
         timeout=600,
     )
     out = _json_line(r.stdout + r.stderr)
+    assert out["blender"].startswith(Path(bpy_only_python).parents[1].name)
     assert out["install"] == ["FINISHED"] and out["enabled"]
     assert Path(out["file"]).resolve().is_relative_to(Path(out["addons_dir"]).resolve())
+    assert {"onnxruntime", "cv2", "dlib", "scipy"} <= set(out["missing"])  # bpy brings none of them
+    assert "Install Dependencies" in out["run_missing"] and "Traceback" not in out["run_missing"]
+    assert out["deps"] == ["FINISHED"] and out["missing_after"] == []
     assert "no face found" in out["noface"] and out["unchanged"]
     assert out["run"] == ["FINISHED"] and out["verts"] == N_VERTS and out["keys"] == KEYS
     assert out["packed"] and out["depth"]
+    assert "Traceback" not in r.stderr  # nothing failed along the way, however it was reported
 
 
 @pytest.fixture(scope="module")
@@ -1013,6 +1056,7 @@ _ISOLATED_SCRIPT = textwrap.dedent("""
     zip_path, photo = sys.argv[-2:]
     out = {"ort_on_path": any(os.path.isdir(os.path.join(p, "onnxruntime")) for p in sys.path if p)}
     import bpy
+    out["blender"] = bpy.app.version_string
     out["install"] = sorted(bpy.ops.extensions.package_install_files(
         filepath=zip_path, repo="user_default", enable_on_install=True))
     import onnxruntime, cv2, dlib, scipy
@@ -1023,54 +1067,23 @@ _ISOLATED_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_full_zip_wheels_make_the_extension_self_sufficient(tmp_path):
-    """The zip with wheels, installed into a Python that has only what Blender ships (bpy, numpy,
+def test_full_zip_wheels_make_the_extension_self_sufficient(fg3d_wheels_zip, bpy_only_python, tmp_path):
+    """The zip with wheels, installed into a bpy-only venv (what Blender's own Python has: bpy, numpy,
     requests…): Blender installs the wheels and the operator runs on onnxruntime/dlib/opencv from them."""
-    pytest.importorskip("bpy")
-    sys.path.insert(0, str(ROOT))
-    try:
-        import build_addon
-    finally:
-        sys.path.remove(str(ROOT))
-    cache = build_addon.default_wheel_cache()  # fetched once (pip wheel, from pip's cache after make setup)
-    zip_path = build_addon.build(tmp_path / "dist", with_wheels=True, wheel_cache=cache)
-    try:
-        site = Path(sysconfig.get_paths()["purelib"])
-        only_blender = tmp_path / "blender-python"  # what Blender's own Python has, nothing more
-        only_blender.mkdir()
-        for name in (
-            "bpy",
-            "numpy",
-            "numpy.libs",
-            "requests",
-            "zstandard",
-            "certifi",
-            "charset_normalizer",
-            "idna",
-            "urllib3",
-            "Cython",
-            "cython.py",
-        ):
-            if (site / name).exists():
-                (only_blender / name).symlink_to(site / name)
-        script = tmp_path / "isolated.py"
-        script.write_text(_ISOLATED_SCRIPT)
-        code = (
-            f"import sys; sys.path.insert(0, {str(only_blender)!r}); sys.argv = ['x', {str(zip_path)!r}, "
-            f"{str(PHOTO)!r}]; exec(open({str(script)!r}).read())"
-        )
-        r = subprocess.run(
-            [sys.executable, "-S", "-c", code],
-            cwd=tmp_path,
-            env=_blender_env(tmp_path / "user"),
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        out = _json_line(r.stdout + r.stderr)
-        assert not out["ort_on_path"] and out["install"] == ["FINISHED"]
-        ext_site = (tmp_path / "user" / "extensions" / ".local").resolve()
-        assert all(Path(f).resolve().is_relative_to(ext_site) for f in out["deps"]), out["deps"]
-        assert out["run"] == ["FINISHED"] and out["verts"] == N_VERTS
-    finally:
-        zip_path.unlink()
+    script = tmp_path / "isolated.py"
+    script.write_text(_ISOLATED_SCRIPT)
+    r = subprocess.run(
+        [bpy_only_python, str(script), str(fg3d_wheels_zip), str(PHOTO)],
+        cwd=tmp_path,
+        env=_blender_env(tmp_path / "user"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    out = _json_line(r.stdout + r.stderr)
+    assert out["blender"].startswith(Path(bpy_only_python).parents[1].name)
+    assert not out["ort_on_path"] and out["install"] == ["FINISHED"]
+    ext_site = (tmp_path / "user" / "extensions" / ".local").resolve()
+    assert all(Path(f).resolve().is_relative_to(ext_site) for f in out["deps"]), out["deps"]
+    assert out["run"] == ["FINISHED"] and out["verts"] == N_VERTS
+    assert "Traceback" not in r.stderr
