@@ -47,7 +47,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--no-refine", action="store_true")
     s.add_argument("--texture-size", type=int, default=1024)
     s.add_argument("--backend", choices=["onnxruntime", "torch"], default="onnxruntime")
-    s.add_argument("--threads", type=int, default=1, help="threads per network (default 1)")
+    s.add_argument("--threads", type=int, default=0, help="CPU threads, core.threads (default 0: one)")
+    s.add_argument("--cold-runs", type=int, default=3, help="fresh processes per cold measurement (0: none)")
+    s.add_argument("--batch", type=int, default=0, metavar="N", help="also N photos through the CLI")
+    s.add_argument("--batch-dir", default="../shared/benchmarks/aflw2000_3d/images", metavar="DIR")
+    s.add_argument("--no-networks", action="store_true", help="skip torch vs onnxruntime per network")
     c = sub.add_parser(
         "consistency", help="one person at many poses: vertex deviation (mm) from the mean shape"
     )

@@ -255,6 +255,8 @@ def test_an_unwritable_output_folder_fails_before_any_work(unwritable_dir, photo
         (["--texture-size", "100000"], "100000 is not one of"),
         (["--face-index", "-1"], "-1 is outside 0…999"),
         (["--face-index", "x"], "'x' is not a whole number"),
+        (["--threads", "-1"], "-1 is outside 0…256"),
+        (["--threads", "two"], "'two' is not a whole number"),
         (["--bogus"], "unrecognized arguments: --bogus"),
     ],
 )
@@ -274,6 +276,8 @@ def test_argument_errors_are_one_line(args, needle, tmp_path, photo, cli_env):
         ({"face_index": 1.5}, "face index 1.5"),
         ({"face_index": "0"}, "face index '0'"),
         ({"passes": 0}, "passes 0"),
+        ({"threads": -1}, "threads -1"),
+        ({"threads": "2"}, "threads '2'"),
     ],
 )
 def test_the_python_api_validates_its_options(kwargs, needle, photo):

@@ -25,6 +25,7 @@ import onnxruntime as ort
 from .assets import asset_path, bundled
 from .errors import FG3DError
 from .pth_reader import read_weights, state_arrays
+from .threads import resolve
 
 REGRESSOR_WEIGHTS = "3ddfa_v2/mb05_120x120.pth"
 REGRESSOR_GRAPH_ROLE = "regressor_graph"
@@ -37,7 +38,7 @@ def session(
     """An onnxruntime CPU session of ``graph`` with its external initializers taken from ``weights``
     (name → float32 array); returns the session and the buffers it reads (keep them alive with it)."""
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = max(0, int(threads))  # 0: onnxruntime's default (one per core)
+    opts.intra_op_num_threads = resolve(threads)  # the project's policy (core.threads): 0 is one
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.log_severity_level = 3  # errors only: warnings are noise for a user

@@ -18,6 +18,7 @@ from typing import Callable, Dict, Optional, Tuple, Union
 import numpy as np
 
 from . import assets, detect, morphable, render, texture
+from . import threads as thread_policy
 from .choices import TEXTURE_SIZES
 from .errors import FG3DError
 from .image_io import load_image
@@ -154,8 +155,9 @@ def _timed(timings: Dict[str, float], name: str):
 
 class Reconstructor:
     """Owns the models and runs the pipeline.  Models load on first use (thread-safe); one instance
-    can serve many photos and threads.  The networks run on onnxruntime with ``threads`` threads each;
-    ``backend="torch"`` runs the torch modules instead (comparisons and benchmarks; imports torch)."""
+    can serve many photos and threads.  Every stage runs with ``threads`` CPU threads (``core.threads``:
+    OpenCV, BLAS, onnxruntime; 0 = automatic, one); ``backend="torch"`` runs the torch modules instead
+    (comparisons and benchmarks; imports torch)."""
 
     def __init__(
         self, priors: RefitPriors = morphable.DEFAULT_PRIORS, threads: int = 1, backend: str = "onnxruntime"
@@ -163,7 +165,7 @@ class Reconstructor:
         if backend not in morphable.BACKENDS:
             raise ValueError(f"backend {backend!r} is not one of {morphable.BACKENDS}")
         self.priors = priors  # of the landmark refit (identity, expression)
-        self.threads, self.backend = int(threads), backend
+        self.threads, self.backend = thread_policy.resolve(threads), backend
         self._lock = threading.RLock()
         self._detector: Optional[detect.Detector] = None
         self._face_model: Optional[FaceModel] = None
@@ -243,6 +245,7 @@ class Reconstructor:
             say("models", 0.0)
             with _timed(t, "models"):
                 self.load_models(opts.refine)
+        thread_policy.ensure(self.threads)  # OpenCV, BLAS (and torch) as the networks: one policy
         say("load", 0.05)
         with _timed(t, "load"):
             image = load_image(photo)
@@ -308,15 +311,15 @@ _default_lock = threading.Lock()
 _default: Optional[Tuple[Tuple[str, int], Reconstructor]] = None  # ((asset cache, threads), the instance)
 
 
-def default_reconstructor(threads: int = 1) -> Reconstructor:
+def default_reconstructor(threads: int = 0) -> Reconstructor:
     """The shared instance behind ``reconstruct()`` (the CLI, the add-on and the tests use it, so the
     models load once per process).  When the asset cache folder changes (the add-on's preference) or
     the thread count does, a new instance loads, and verifies, the models from there."""
     global _default
-    key = (str(assets.cache_dir()), int(threads))
+    key = (str(assets.cache_dir()), thread_policy.resolve(threads))
     with _default_lock:
         if _default is None or _default[0] != key:
-            _default = (key, Reconstructor(threads=int(threads)))
+            _default = (key, Reconstructor(threads=key[1]))
         return _default[1]
 
 
@@ -327,9 +330,9 @@ def reconstruct(
     texture_size: int = 1024,
     passes: int = 2,
     progress: Optional[ProgressFn] = None,
-    threads: int = 1,
+    threads: int = 0,
 ) -> Result:
     """Reconstruct the (largest, or ``face_index``-th) face of a photo.  Raises FG3DError on bad input.
-    ``threads``: onnxruntime's threads per network (0 = its default, one per core)."""
+    ``threads``: CPU threads for every stage (``core.threads``: 0 = automatic, one)."""
     opts = Options(face_index=face_index, refine=refine, texture_size=texture_size, passes=passes)
     return default_reconstructor(threads).reconstruct(photo, opts, progress)

@@ -39,7 +39,7 @@ class Settings:
     refine: bool = True
     face_index: int = 0
     texture_size: int = 1024
-    threads: int = 0  # onnxruntime's CPU threads per network (0 = automatic: one)
+    threads: int = 0  # CPU threads for every stage, core.threads' policy (0 = automatic: one)
     env: Dict[str, str] = field(default_factory=dict)  # FG3D_CACHE_DIR / FG3D_ASSET_MIRROR from prefs
 
 
@@ -91,7 +91,7 @@ def run_pipeline(
         refine=settings.refine,
         texture_size=settings.texture_size,
         progress=progress,
-        threads=settings.threads or 1,  # automatic = 1: more threads were never faster (issue 15)
+        threads=settings.threads,  # core.threads: 0 = automatic (one: more were never faster)
     )
 
 

@@ -51,7 +51,8 @@ class FG3D_AddonPreferences(bpy.types.AddonPreferences):
         default=0,
         min=0,
         max=256,
-        description="CPU threads for the neural networks (0 = automatic: one, the fastest measured)",
+        description="CPU threads for every stage: OpenCV, BLAS and the networks (0 = automatic: one, "
+        "the fastest measured)",
     )
 
     def draw(self, context):
