@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import List, Optional
 
@@ -146,37 +147,77 @@ def cmd_reconstruct(args) -> int:
     out_dir = Path(args.output)
     check_output_dir(out_dir)
     bar = _Progress(len(photos), enabled=len(photos) > 1 and not args.quiet)
-    reports, used, internal = [], set(), 0
-    for i, photo in enumerate(photos):
-        stem, k = fit_stem(photo.stem or "face"), 2  # every output name fits the 255-byte limit
-        while stem in used:
-            stem, k = fit_stem(photo.stem or "face", f"_{k}"), k + 1
-        used.add(stem)
+    reports: list = []
+    internal = 0
+
+    def failed(photo: Path, exc: Exception) -> None:
+        nonlocal internal
+        if len(photos) == 1 or (os.environ.get("FG3D_DEBUG") and not isinstance(exc, FG3DError)):
+            raise exc
+        internal += not isinstance(exc, FG3DError)
+        message = str(exc) if isinstance(exc, FG3DError) else f"{photo}: {_internal(exc)}"
+        reports.append({"photo": str(photo), "ok": False, "error": message})
+        if bar.enabled:
+            sys.stderr.write("\n")
+        _err(message)
+
+    def written(i: int, photo: Path, result, files) -> None:
         try:
-            result = reconstruct(
-                photo,
-                face_index=args.face_index,
-                refine=not args.no_refine,
-                texture_size=args.texture_size,
-                threads=args.threads,
-            )
-            files = write_outputs(result, out_dir, stem, formats, extras, writers)
+            files = files.result() if isinstance(files, Future) else files
+        except Exception as exc:  # noqa: BLE001 - one photo's failure, whatever it is, ends only that photo
+            failed(photo, exc)
+        else:
             reports.append(_summary(result, files))
             if not args.json and not bar.enabled and not args.quiet:
                 print(
                     f"{photo}: {len(files)} files in {out_dir} "
                     f"({result.timings['total']:.0f} ms, yaw {result.pose['yaw']:+.0f}°)"
                 )
-        except Exception as exc:  # noqa: BLE001 - one photo's failure, whatever it is, ends only that photo
-            if len(photos) == 1 or (os.environ.get("FG3D_DEBUG") and not isinstance(exc, FG3DError)):
-                raise
-            internal += not isinstance(exc, FG3DError)
-            message = str(exc) if isinstance(exc, FG3DError) else f"{photo}: {_internal(exc)}"
-            reports.append({"photo": str(photo), "ok": False, "error": message})
-            if bar.enabled:
-                sys.stderr.write("\n")
-            _err(message)
         bar.update(i + 1, photo.name)
+
+    # A batch writes each photo's files on a second thread while the next photo is reconstructed (the
+    # pipeline runs on one thread: the other core encodes the PNGs, formats the OBJ); one photo, or
+    # .blend (bpy belongs to the main thread), is written in line.  Reports keep the photos' order.
+    pool = ThreadPoolExecutor(1, "fg3d-write") if len(photos) > 1 and "blend" not in formats else None
+    pending = None  # (index, photo, result, future) still being written
+    used: set = set()
+    try:
+        for i, photo in enumerate(photos):
+            stem, k = fit_stem(photo.stem or "face"), 2  # every output name fits the 255-byte limit
+            while stem in used:
+                stem, k = fit_stem(photo.stem or "face", f"_{k}"), k + 1
+            used.add(stem)
+            try:
+                result = reconstruct(
+                    photo,
+                    face_index=args.face_index,
+                    refine=not args.no_refine,
+                    texture_size=args.texture_size,
+                    threads=args.threads,
+                )
+            except Exception as exc:  # noqa: BLE001 - one photo's failure, whatever it is, ends only that photo
+                if pending is not None:
+                    written(*pending)
+                    pending = None
+                failed(photo, exc)
+                bar.update(i + 1, photo.name)
+                continue
+            job = (out_dir, stem, formats, extras, writers)
+            if pool is None:
+                try:
+                    written(i, photo, result, write_outputs(result, *job))
+                except Exception as exc:  # noqa: BLE001 - as above
+                    failed(photo, exc)
+                    bar.update(i + 1, photo.name)
+                continue
+            if pending is not None:
+                written(*pending)  # at most one photo's files in flight: memory stays one result more
+            pending = (i, photo, result, pool.submit(write_outputs, result, *job))
+        if pending is not None:
+            written(*pending)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)  # Ctrl-C or SIGTERM: the photo being written is finished whole
     n_ok = sum(r["ok"] for r in reports)
     if len(photos) > 1 and not args.quiet:
         print(
