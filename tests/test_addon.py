@@ -73,6 +73,63 @@ if (SHARED / "models").is_dir():
     os.environ.setdefault("FG3D_ASSET_MIRROR", str(SHARED / "models"))
 
 
+# The options the operator and the panel's scene settings share (one declaration: ops.reconstruct_options)
+# and the one default that differs on purpose, (operator, scene settings): the panel's button adds the
+# photo camera unless it is unticked, a script's call (and F3, the file browser) only when asked.
+SHARED_OPTIONS = ("refine", "face_index", "texture_size", "add_images", "add_camera")
+OWN_DEFAULTS = {"add_camera": (False, True)}
+
+# What the registered RNA says of the operator's and the scene settings' properties (FG3D_SceneSettings,
+# reached through Scene.fg3d: bpy.types does not list a PropertyGroup by its name), as JSON.  The same
+# source runs here and in the scripts that install the zip into Blender 3.4 and bpy 4.2/4.5/5.0 in a
+# process of their own, so every Blender the add-on is tested in checks it.
+_RNA_OPTIONS = textwrap.dedent("""
+    def rna_options(props):
+        fields = ("type", "name", "description", "subtype", "default", "hard_min", "hard_max",
+                  "soft_min", "soft_max", "step", "is_hidden", "is_skip_save", "is_enum_flag")
+        out = {}
+        for p in props:
+            if p.identifier != "rna_type":
+                out[p.identifier] = {f: getattr(p, f) for f in fields if hasattr(p, f)}
+                if p.type == "ENUM":
+                    out[p.identifier]["items"] = [[i.identifier, i.name, i.description] for i in p.enum_items]
+        return out
+
+    def reconstruct_rna_options(bpy):
+        return {"operator": rna_options(bpy.ops.fg3d.reconstruct.get_rna_type().properties),
+                "scene": rna_options(bpy.types.Scene.bl_rna.properties["fg3d"].fixed_type.properties)}
+""")
+
+
+def _rna_options(bpy) -> dict:
+    namespace: dict = {}
+    exec(_RNA_OPTIONS, namespace)
+    return namespace["reconstruct_rna_options"](bpy)
+
+
+def _option_differences(rna: dict) -> list:
+    """How the operator's options and the scene settings' differ (other than ``OWN_DEFAULTS``), one line
+    each; ``rna`` is what ``reconstruct_rna_options`` returns."""
+    op, scene = rna["operator"], rna["scene"]
+    shared = sorted(op.keys() & scene.keys())
+    out = [] if shared == sorted(SHARED_OPTIONS) else [f"shared: {shared}, expected {sorted(SHARED_OPTIONS)}"]
+    for name in SHARED_OPTIONS:
+        a, b = dict(op.get(name, {})), dict(scene.get(name, {}))
+        if name in OWN_DEFAULTS and (a.pop("default", None), b.pop("default", None)) != OWN_DEFAULTS[name]:
+            out.append(
+                f"{name}.default: operator {op.get(name, {}).get('default')!r}, "
+                f"scene {scene.get(name, {}).get('default')!r}"
+            )
+        if not a.get("description"):
+            out.append(f"{name}: no description")
+        out += [
+            f"{name}.{k}: operator {a.get(k)!r}, scene {b.get(k)!r}"
+            for k in sorted(a | b)
+            if a.get(k) != b.get(k)
+        ]
+    return out
+
+
 def _counts(bpy) -> dict:
     return {k: sorted(x.name for x in getattr(bpy.data, k)) for k in DATA_KINDS}
 
@@ -241,6 +298,51 @@ def test_installed_as_extension(fg3d_bpy):
     prefs = bpy.context.preferences.addons[EXT_ID].preferences
     assert {"cache_dir", "mirror_dir", "threads"} <= {p.identifier for p in prefs.bl_rna.properties}
     assert hasattr(bpy.context.scene, "fg3d") and bpy.context.scene.fg3d.refine is True
+
+
+def test_operator_and_panel_options_are_one_declaration(fg3d_bpy):
+    """The registered RNA of the operator's options and of the panel's scene settings: the same names,
+    types, labels, descriptions, limits and defaults (but the documented ``add_camera`` default)."""
+    rna = _rna_options(fg3d_bpy)
+    assert rna["operator"]["face_index"]["hard_max"] == 99 and rna["scene"]["add_camera"]["default"] is True
+    assert _option_differences(rna) == []
+    assert "photo" in rna["scene"] and {"filepath", "filter_glob", "synchronous"} <= rna["operator"].keys()
+
+
+def test_option_differences_are_found():
+    """The comparison above fails on any drift: a description, a limit, a default, a missing option."""
+
+    def options(which: int, **drift) -> dict:  # which: 0 = the operator's, 1 = the scene settings'
+        out = {n: {"type": "BOOLEAN", "name": n, "description": "d", "default": True} for n in SHARED_OPTIONS}
+        out["face_index"].update(type="INT", default=0, hard_min=0, hard_max=99)
+        for n, defaults in OWN_DEFAULTS.items():
+            out[n]["default"] = defaults[which]
+        for key, value in drift.items():
+            name, field = key.split("__")
+            out[name][field] = value
+        return out
+
+    assert _option_differences({"operator": options(0), "scene": options(1)}) == []
+    for drift in (
+        {"refine__description": "other"},
+        {"face_index__hard_max": 9},
+        {"add_images__default": False},
+        {"add_camera__default": False},
+    ):
+        assert len(_option_differences({"operator": options(0), "scene": options(1, **drift)})) == 1, drift
+    missing = options(1)
+    del missing["texture_size"]
+    assert _option_differences({"operator": options(0), "scene": missing})
+
+
+def test_a_class_cannot_declare_a_shared_option_again(fg3d_bpy):
+    ops = importlib.import_module(EXT_ID + ".operators.ops")  # the installed copy
+
+    class Again:
+        refine: bool
+
+    with pytest.raises(TypeError, match="refine.*reconstruct_options"):
+        ops.with_reconstruct_options(add_camera=True)(Again)
 
 
 def test_reconstruct_adds_the_face(fg3d_bpy, fg3d_face, fg3d_expected):
@@ -623,7 +725,7 @@ def test_a_corrupt_or_misplaced_cache_chosen_in_preferences_gives_one_line(fg3d_
                 os.environ[k] = v
 
 
-_LEGACY_SCRIPT = textwrap.dedent("""
+_LEGACY_SCRIPT = _RNA_OPTIONS + textwrap.dedent("""
     import json, os, sys, time
     zip_path, photo, noface = sys.argv[-3:]
     import bpy, addon_utils
@@ -631,6 +733,7 @@ _LEGACY_SCRIPT = textwrap.dedent("""
     out["install"] = sorted(bpy.ops.preferences.addon_install(filepath=zip_path))
     addons_dir = bpy.utils.user_resource('SCRIPTS', path="addons")
     out["enabled"] = addon_utils.enable("fg3d_blender", default_set=True) is not None
+    out["options"] = reconstruct_rna_options(bpy)
     import fg3d_blender
     from fg3d_blender.core import dependencies
     out["file"] = fg3d_blender.__file__
@@ -705,6 +808,7 @@ def test_legacy_addon_install_bpy(fg3d_addon_zip, bpy_only_python, tmp_path):
     out = _json_line(r.stdout + r.stderr)
     assert out["blender"].startswith(Path(bpy_only_python).parents[1].name)
     assert out["install"] == ["FINISHED"] and out["enabled"]
+    assert _option_differences(out["options"]) == []  # the options as this bpy registered them
     assert Path(out["file"]).resolve().is_relative_to(Path(out["addons_dir"]).resolve())
     assert {"onnxruntime", "cv2", "dlib", "scipy"} <= set(out["missing"])  # bpy brings none of them
     assert "Install Dependencies" in out["run_missing"] and "Traceback" not in out["run_missing"]
@@ -760,6 +864,7 @@ def test_real_blender_legacy_install_dependencies_and_run(fg3d_real_blender):
         f"first run {out['first_run_s']} s, second run {out['second_run_s']} s"
     )
     assert out["install"] == ["FINISHED"] and out["enabled"] and out["verts"] == N_VERTS
+    assert _option_differences(out["options"]) == []  # the options as Blender 3.4 registered them
     assert Path(out["file"]).resolve().is_relative_to(Path(out["addons_dir"]).resolve())
     if out["missing"]:  # Debian's Blender: nothing installed at first
         line = next(ln for ln in stderr.splitlines() if "FG3D needs Python modules" in ln)  # at enable time

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import sys
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
 
 import bpy
 from bpy.props import BoolProperty, EnumProperty, IntProperty, StringProperty
@@ -39,6 +39,64 @@ from .job import (
 
 PHOTO_GLOB = "*.jpg;*.jpeg;*.png;*.bmp;*.tif;*.tiff;*.webp"
 TEXTURE_SIZES = [(str(s), str(s), f"{s}×{s} pixel texture") for s in choices.TEXTURE_SIZES]
+_C = TypeVar("_C", bound=type)
+
+
+def reconstruct_options(*, add_camera: bool) -> dict[str, Any]:
+    """The reconstruction options, declared once for both places that hold them: the properties of
+    ``fg3d.reconstruct`` and the panel's scene settings (``ui.FG3D_SceneSettings``), which the panel's
+    button copies into the operator.  Names, descriptions, limits and defaults are the same in both;
+    the one deliberate difference is ``add_camera``'s default: a run the panel starts adds the photo
+    camera unless it is unticked (``True``), the operator called by itself (a script's
+    ``bpy.ops.fg3d.reconstruct(...)``, F3, the file browser) adds it only when asked (``False``)."""
+    return {
+        "refine": BoolProperty(  # type: ignore[func-returns-value]
+            name="FGNet detail",
+            default=True,
+            description="Refine the 3DMM shape with FGNet (off: coarse 3DMM only)",
+        ),
+        "face_index": IntProperty(  # type: ignore[func-returns-value]
+            name="Face",
+            default=0,
+            min=0,
+            max=99,
+            description="Which face when the photo shows several (0 = the largest)",
+        ),
+        "texture_size": EnumProperty(  # type: ignore[func-returns-value]
+            name="Texture",
+            items=TEXTURE_SIZES,
+            default="1024",
+            description="Width and height of the face texture baked from the photo, in pixels",
+        ),
+        "add_images": BoolProperty(  # type: ignore[func-returns-value]
+            name="Depth/PNCC maps",
+            default=True,
+            description="Also add the depth map and the PNCC image as packed images",
+        ),
+        "add_camera": BoolProperty(  # type: ignore[func-returns-value]
+            name="Photo camera",
+            default=add_camera,
+            description="Add an orthographic camera that sees the face as in the photo, photo as background",
+        ),
+    }
+
+
+def with_reconstruct_options(*, add_camera: bool) -> Callable[[_C], _C]:
+    """Class decorator: ``reconstruct_options(add_camera=…)`` added to the class's annotations, after
+    its own, for ``bpy.utils.register_class`` to read (Blender turns annotations into properties when
+    the class is registered, not when it is defined).  A class that declares one of them itself is an
+    error: there is one declaration of each option."""
+
+    def add(cls: _C) -> _C:
+        own = dict(cls.__dict__.get("__annotations__", {}))
+        options = reconstruct_options(add_camera=add_camera)
+        twice = sorted(own.keys() & options.keys())
+        if twice:
+            raise TypeError(f"{cls.__name__} declares {', '.join(twice)}: reconstruct_options() owns them")
+        cls.__annotations__ = {**own, **options}
+        return cls
+
+    return add
 
 
 def _redraw(context) -> None:
@@ -148,6 +206,7 @@ def _print_progress(stage: str, fraction: float) -> None:
     )
 
 
+@with_reconstruct_options(add_camera=False)  # scripts, F3 and the file browser: no camera unless asked
 class FG3D_OT_reconstruct(_ModalJob, bpy.types.Operator):
     """Reconstruct a textured, editable 3D face from one photo"""
 
@@ -158,31 +217,12 @@ class FG3D_OT_reconstruct(_ModalJob, bpy.types.Operator):
 
     filepath: StringProperty(name="Photo", subtype="FILE_PATH", default="")  # type: ignore[valid-type]
     filter_glob: StringProperty(default=PHOTO_GLOB, options={"HIDDEN"})  # type: ignore[valid-type]
-    refine: BoolProperty(  # type: ignore[valid-type]
-        name="FGNet detail",
-        default=True,
-        description="Refine the 3DMM shape with FGNet (off: coarse 3DMM only)",
-    )
-    face_index: IntProperty(  # type: ignore[valid-type]
-        name="Face",
-        default=0,
-        min=0,
-        max=99,
-        description="Which face when the photo shows several (0 = the largest)",
-    )
-    texture_size: EnumProperty(  # type: ignore[valid-type]
-        name="Texture", items=TEXTURE_SIZES, default="1024"
-    )
-    add_images: BoolProperty(  # type: ignore[valid-type]
-        name="Depth/PNCC maps",
-        default=True,
-        description="Also add the depth map and the PNCC image as packed images",
-    )
-    add_camera: BoolProperty(  # type: ignore[valid-type]
-        name="Photo camera",
-        default=False,
-        description="Add an orthographic camera that sees the face as in the photo, photo as background",
-    )
+    if TYPE_CHECKING:  # what mypy sees of the properties reconstruct_options() adds
+        refine: bool
+        face_index: int
+        texture_size: str
+        add_images: bool
+        add_camera: bool
     synchronous: BoolProperty(  # type: ignore[valid-type]
         name="Synchronous",
         default=False,

@@ -6,37 +6,24 @@ import os
 from typing import Any, Optional
 
 import bpy
-from bpy.props import BoolProperty, EnumProperty, IntProperty, PointerProperty, StringProperty
+from bpy.props import PointerProperty, StringProperty
 from bpy.utils import previews
 
 from . import prefs
 from .job import running_label
-from .ops import PHOTO_GLOB, TEXTURE_SIZES
+from .ops import PHOTO_GLOB, with_reconstruct_options
 
 _previews: Optional[Any] = None  # bpy.utils.previews collection of photo thumbnails
 PHOTO_EXTS = tuple(e.lstrip("*") for e in PHOTO_GLOB.split(";"))
 
 
+@with_reconstruct_options(add_camera=True)  # the panel's button adds the photo camera unless unticked
 class FG3D_SceneSettings(bpy.types.PropertyGroup):
-    """The panel's choices, stored with the scene."""
+    """The panel's choices, stored with the scene: the photo, and the operator's options
+    (``ops.reconstruct_options``), which the Reconstruct button copies into the operator."""
 
     photo: StringProperty(  # type: ignore[valid-type]
         name="Photo", subtype="FILE_PATH", default="", description="The photo of a face to reconstruct"
-    )
-    refine: BoolProperty(  # type: ignore[valid-type]
-        name="FGNet detail", default=True, description="Refine the 3DMM shape with FGNet (off: coarse 3DMM)"
-    )
-    face_index: IntProperty(  # type: ignore[valid-type]
-        name="Face", default=0, min=0, max=99, description="0 = the largest face in the photo"
-    )
-    texture_size: EnumProperty(name="Texture", items=TEXTURE_SIZES, default="1024")  # type: ignore[valid-type]
-    add_images: BoolProperty(  # type: ignore[valid-type]
-        name="Depth/PNCC maps", default=True, description="Also add the depth map and PNCC image (packed)"
-    )
-    add_camera: BoolProperty(  # type: ignore[valid-type]
-        name="Photo camera",
-        default=True,
-        description="Add an orthographic camera that sees the face as in the photo, photo as background",
     )
 
 
