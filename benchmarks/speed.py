@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from fg3d_blender.core import detect
+from fg3d_blender.core import threads as thread_policy
 from fg3d_blender.core.dependencies import read_requirements
 from fg3d_blender.core.export import EXTRAS, write_outputs
 from fg3d_blender.core.fgnet_inputs import fgnet_inputs
@@ -49,9 +50,9 @@ def _interleaved(calls: dict, repeat: int) -> dict:
 def networks(photo, threads: int, repeat: int) -> dict:
     """The regressor (batch 2: the crop and its mirror, as the pipeline runs it) and FGNet on the photo's
     own inputs, torch (``threads`` threads) against onnxruntime (``threads`` intra-op threads)."""
-    import torch  # only for this comparison: the pipeline never imports it
+    import torch  # noqa: F401 - only for this comparison (the pipeline never imports it); policy sets it
 
-    torch.set_num_threads(max(1, threads))
+    thread_policy.apply(threads)
     ort_rec, torch_rec = Reconstructor(threads=threads), Reconstructor(threads=threads, backend="torch")
     image = load_image(photo)
     face = detect.select_face(ort_rec.faces(image), None)
@@ -167,9 +168,7 @@ def writing(result, repeat: int) -> dict:
 def run(args) -> dict:
     image = load_image(args.photo)
     if args.backend == "torch":
-        import torch
-
-        torch.set_num_threads(max(1, args.threads))
+        import torch  # noqa: F401 - the torch backend; the thread policy then sets its threads too
     rec = Reconstructor(threads=args.threads, backend=args.backend)
     opts = Options(refine=not args.no_refine, texture_size=args.texture_size)
     first = rec.reconstruct(args.photo, opts)

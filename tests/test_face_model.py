@@ -87,3 +87,23 @@ def test_keypoint_vertices_are_the_dense_shape_at_the_68_points(fm):
     for e in (None, expression):
         dense = fm.face_vertices(alpha, e)[fm.keypoints]
         np.testing.assert_allclose(fm.keypoint_vertices(alpha, e), dense, atol=1e-3)
+
+
+def test_nnls_equals_scipys_on_random_and_refit_sized_problems():
+    """Our Lawson–Hanson NNLS (the pipeline's, so it never imports scipy.optimize) against scipy's."""
+    from scipy.optimize import nnls as scipy_nnls
+
+    from fg3d_blender.core.geometry import nnls
+
+    rng = np.random.default_rng(7)
+    active = []
+    for m, n in [(136, 53)] * 40 + [
+        (int(rng.integers(20, 200)), int(rng.integers(1, 60))) for _ in range(200)
+    ]:
+        a = rng.normal(size=(m, min(n, m)))
+        b = rng.normal(size=m) * rng.uniform(0.1, 10.0)
+        want, got = scipy_nnls(a, b)[0], nnls(a, b)
+        assert got.min() >= 0.0
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-9 * max(1.0, np.abs(want).max()))
+        active.append((want > 0).mean())
+    assert 0.2 < np.mean(active) < 0.8  # both bounds matter in these problems

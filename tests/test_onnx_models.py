@@ -232,14 +232,17 @@ for refine in (True, False):
     out[f"t{int(refine)}"] = r.texture
     assert r.refined == refine
 np.savez(sys.argv[2], **out)
-print(json.dumps(sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))))
+print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "scipy"))))
 """
 
 
 @pytest.mark.slow
 def test_reconstruct_runs_without_torch_and_equals_the_torch_pipeline(tmp_path, cli_env, backends):
-    """A fresh process reconstructs (refined and coarse) with torch never imported; its meshes equal the
-    torch pipeline's within ``MESH_TOL_MM`` and its textures within one level on < 0.1 % of the texels."""
+    """A fresh process reconstructs (refined and coarse) with torch never imported, nor scipy once the
+    derived files exist (the ``backends`` fixture made them); its meshes equal the torch pipeline's
+    within ``MESH_TOL_MM`` and its textures differ on < 0.1 % of the texels, by one level (two on a few
+    texel channels: the texture's quarter-size weights are upsampled and rounded to uint8, measured 1 of
+    3.1 M)."""
     photo = PHOTOS[0]
     out = tmp_path / "mesh.npz"
     proc = subprocess.run(
@@ -258,4 +261,4 @@ def test_reconstruct_runs_without_torch_and_equals_the_torch_pipeline(tmp_path, 
         ref = torch_rec.reconstruct(photo, Options(refine=refine))
         assert np.abs(got[f"v{int(refine)}"] - ref.vertices).max() < MESH_TOL_MM
         tex = np.abs(got[f"t{int(refine)}"].astype(int) - ref.texture.astype(int))
-        assert tex.max() <= 1 and (tex > 0).mean() < 1e-3
+        assert tex.max() <= 2 and (tex > 1).mean() < 1e-5 and (tex > 0).mean() < 1e-3

@@ -4,14 +4,15 @@ of the training cache from WORKER on (run several in parallel, one thread each).
 import sys
 from pathlib import Path
 
-import torch
+import torch  # noqa: F401 - imported first, so the thread policy below sets its threads too
 
+from fg3d_blender.core import threads
 from fg3d_blender.core.image_io import list_photos
 from fg3d_blender.core.pipeline import Reconstructor
 
 from .cache import build_cache
 
-torch.set_num_threads(1)
+threads.apply(1)
 build_cache(
     Reconstructor(),
     list_photos(Path(sys.argv[1])),

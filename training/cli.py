@@ -32,7 +32,7 @@ def add_arguments(t: argparse.ArgumentParser) -> None:
         default="head",
         help="landmark loss target: the regressor's landmark head (default) or dlib's 68",
     )
-    t.add_argument("--threads", type=int, default=1, help="CPU threads for torch (without CUDA)")
+    t.add_argument("--threads", type=int, default=1, help="CPU threads: torch and every stage (core.threads)")
     t.add_argument(
         "--init",
         metavar="FILE",

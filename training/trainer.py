@@ -23,6 +23,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from fg3d_blender.core import threads as thread_policy
 from fg3d_blender.core.assets import sha256_of, write_bundled
 from fg3d_blender.core.checkpoint import load_state, read_checkpoint
 from fg3d_blender.core.errors import FG3DError
@@ -82,9 +83,8 @@ def train(
     coarse fit plus ``init``'s refinement, or the coarse fit alone without ``init``), ``views_per_batch``
     per step, with their 3D shape error weighted by ``view_weight`` per mm."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
-        torch.set_num_threads(threads)
-    rec = Reconstructor()
+    rec = Reconstructor(threads=threads)  # one policy (core.threads) for torch and the pipeline's stages
+    thread_policy.apply(threads)
     fm = rec.face_model
     cache = Path(cache or out.with_suffix(".cache"))
     if Path(photos).is_dir():

@@ -279,6 +279,19 @@ def load_pickled_arrays(rel: str) -> Dict[str, np.ndarray]:
     return load_derived(name, unpickle)
 
 
+def load_mat_arrays(rel: str) -> Dict[str, np.ndarray]:
+    """A MATLAB asset's arrays, read once with scipy.io and cached as a derived .npz (a reconstruction
+    then never imports scipy.io, ~0.08 s of every cold start)."""
+    entry = manifest()[rel]
+
+    def read() -> Dict[str, np.ndarray]:
+        import scipy.io  # only when the derived file is made
+
+        return {k: v for k, v in scipy.io.loadmat(asset_path(rel)).items() if not k.startswith("__")}
+
+    return load_derived(f"{Path(rel).stem}.mat.{entry['sha256'][:12]}.npz", read)
+
+
 def derived_path(name: str) -> Path:
     """Where arrays computed once from the assets are cached (the folder is made when it can be)."""
     d = cache_dir() / "derived"

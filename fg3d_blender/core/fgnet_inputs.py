@@ -24,10 +24,9 @@ from typing import Tuple
 
 import cv2
 import numpy as np
-import scipy.io as sio
 
 from . import render
-from .assets import asset_path
+from .assets import load_mat_arrays
 from .morphable import FaceModel, Fit
 
 PAF_K = 3
@@ -37,7 +36,7 @@ MIN_FACING = 0.2  # texels facing the camera less than this are not visible to F
 
 def load_shape_range() -> Tuple[float, float]:
     """(min, max) of the paper's shape-offset normalisation, µm (``shape_distribute.mat``)."""
-    d = sio.loadmat(asset_path("beyond3dmm/shape_distribute.mat"))
+    d = load_mat_arrays("beyond3dmm/shape_distribute.mat")
     return float(d["shape_min"].ravel()[0]), float(d["shape_max"].ravel()[0])
 
 

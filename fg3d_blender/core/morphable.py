@@ -19,15 +19,10 @@ from typing import Dict, List, Optional, Tuple
 
 import cv2
 import numpy as np
-import scipy.io as sio
-import scipy.sparse as sp
-from scipy.optimize import nnls
-from scipy.sparse.linalg import factorized
-from scipy.spatial import cKDTree
 
 from . import render
-from .assets import asset_path, bundled, load_derived, load_pickled_arrays
-from .geometry import closest_points_on_mesh, uniform_laplacian
+from .assets import asset_path, bundled, load_derived, load_mat_arrays, load_pickled_arrays
+from .geometry import closest_points_on_mesh, nnls, uniform_laplacian
 from .onnx_models import REGRESSOR_WEIGHTS, Regressor
 
 CROP_SIZE = 120
@@ -132,12 +127,12 @@ class FaceModel:
         )
         self.mean_um = u.reshape(3, -1, order="F").T.astype(np.float64)  # (53215,3)
         self.triangles = np.ascontiguousarray(
-            sio.loadmat(asset_path("beyond3dmm/tri_full.mat"))["tri_full"].T.astype(np.int32)
+            load_mat_arrays("beyond3dmm/tri_full.mat")["tri_full"].T.astype(np.int32)
         )
         self._orient_outward()
-        self.uvs = sio.loadmat(asset_path("beyond3dmm/BFM_UV.mat"))["UV"].astype(np.float32)
+        self.uvs = load_mat_arrays("beyond3dmm/BFM_UV.mat")["UV"].astype(np.float32)
         self.keypoints = (
-            sio.loadmat(asset_path("beyond3dmm/keypoints68.mat"))["keypoints"].ravel().astype(np.int64) - 1
+            load_mat_arrays("beyond3dmm/keypoints68.mat")["keypoints"].ravel().astype(np.int64) - 1
         )
         stats = load_pickled_arrays("3ddfa_v2/param_mean_std_62d_120x120.pkl")
         self.param_mean = stats["mean"].astype(np.float32)
@@ -162,6 +157,10 @@ class FaceModel:
         return arrays["basis_um"]
 
     def _solve_dense_basis(self) -> np.ndarray:
+        import scipy.sparse as sp  # only to make the derived file (~10 s, once)
+        from scipy.sparse.linalg import factorized  # as above: the derived file only
+        from scipy.spatial import cKDTree  # as above: the derived file only
+
         n, k = len(self.mean_um), self.grid_basis.shape[2]
         dist, tri, bary = closest_points_on_mesh(self.grid_mean, self.mean_um, self.triangles)
         on = np.flatnonzero(dist < GRID_OFF_SURFACE_UM)
@@ -401,7 +400,7 @@ def _bounded_solve(a: np.ndarray, b: np.ndarray, n_free: int) -> np.ndarray:
     q, r = np.linalg.qr(a[:, :n_free])
     rest = a[:, n_free:]
     proj = rest - q @ (q.T @ rest)
-    e, _ = nnls(proj, b - q @ (q.T @ b))
+    e = nnls(proj, b - q @ (q.T @ b))
     e = np.minimum(e, 1.0)
     free = np.linalg.solve(r, q.T @ (b - rest @ e))
     return np.concatenate([free, e])
