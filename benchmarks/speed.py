@@ -52,7 +52,7 @@ def networks(photo, threads: int, repeat: int) -> dict:
     own inputs, torch (``threads`` threads) against onnxruntime (``threads`` intra-op threads)."""
     import torch  # noqa: F401 - only for this comparison (the pipeline never imports it); policy sets it
 
-    thread_policy.apply(threads)
+    thread_policy.apply(threads, torch=True)
     ort_rec, torch_rec = Reconstructor(threads=threads), Reconstructor(threads=threads, backend="torch")
     image = load_image(photo)
     face = detect.select_face(ort_rec.faces(image), None)
@@ -135,20 +135,23 @@ def cold_start(photo: str, refine: bool, texture_size: int, threads: int, runs: 
 def batch(folder: str, n: int, threads: int) -> dict:
     """The first ``n`` photos of ``folder`` through the real CLI in one fresh process, default outputs
     (OBJ + GLB + depth, PNCC, preview PNGs), cold start included: wall time and photos per second."""
-    photos = [str(p) for p in list_photos(Path(folder))[:n]]
+    photos = [str(p.resolve()) for p in list_photos(Path(folder))[:n]]  # the child runs in the repo
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, "-m", "fg3d_blender", "reconstruct", *photos, "-o", out, "-q", "--json"]
         cmd += ["--threads", str(threads)]
         t0 = time.perf_counter()
         p = subprocess.run(cmd, capture_output=True, text=True, cwd=str(REPO))
         wall = time.perf_counter() - t0
-    report = json.loads(p.stdout.strip().splitlines()[-1])
+    lines = p.stdout.strip().splitlines()
+    if not lines:
+        raise RuntimeError(f"the batch printed nothing (exit {p.returncode}): {p.stderr[-500:]}")
+    report = json.loads(lines[-1])
     ok = [r for r in report["results"] if r["ok"]]
     return {
         "photos": len(photos),
         "ok": len(ok),
         "wall_s": round(wall, 2),
-        "photos_per_s": round(len(photos) / wall, 2),
+        "photos_per_s": round(len(ok) / wall, 2),  # reconstructed and written
         "pipeline_s": round(sum(r["timings_ms"]["total"] for r in ok) / 1000.0, 2),
         "folder": folder,
     }

@@ -107,3 +107,19 @@ def test_nnls_equals_scipys_on_random_and_refit_sized_problems():
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-9 * max(1.0, np.abs(want).max()))
         active.append((want > 0).mean())
     assert 0.2 < np.mean(active) < 0.8  # both bounds matter in these problems
+
+
+def test_nnls_survives_nearly_equal_columns():
+    """Columns equal to 1e-9: the normal equations are singular; the passive solve falls back to lstsq."""
+    from scipy.optimize import nnls as scipy_nnls
+
+    from fg3d_blender.core.geometry import nnls
+
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        a = rng.normal(size=(40, 6))
+        a[:, 1] = a[:, 0] * (1 + 1e-9)
+        b = rng.normal(size=40) + 3 * a[:, 0]
+        got, want = nnls(a, b), scipy_nnls(a, b)[0]
+        assert got.min() >= 0.0
+        np.testing.assert_allclose(np.linalg.norm(a @ got - b), np.linalg.norm(a @ want - b), rtol=1e-6)

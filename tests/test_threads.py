@@ -41,3 +41,19 @@ def test_thread_counts_are_checked():
     for bad in (-1, 1.5, "2", True, None):
         with pytest.raises(FG3DError, match="threads"):
             threads.resolve(bad)
+
+
+def test_a_host_process_keeps_its_thread_counts():
+    """The add-on runs in Blender's process: after ``kept()`` OpenCV and the BLAS libraries have the
+    counts they had before (other add-ons' settings), and the next run applies its own again."""
+    try:
+        threads.apply(2)
+        before = (cv2.getNumThreads(), threads.blas_threads())
+        with threads.kept():
+            threads.ensure(1)
+            assert cv2.getNumThreads() == 1
+        assert (cv2.getNumThreads(), threads.blas_threads()) == before
+        threads.ensure(1)
+        assert cv2.getNumThreads() == 1
+    finally:
+        threads.apply(1)

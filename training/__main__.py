@@ -12,7 +12,7 @@ from fg3d_blender.core.pipeline import Reconstructor
 
 from .cache import build_cache
 
-threads.apply(1)
+threads.apply(1, torch=True)
 build_cache(
     Reconstructor(),
     list_photos(Path(sys.argv[1])),

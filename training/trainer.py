@@ -84,7 +84,7 @@ def train(
     per step, with their 3D shape error weighted by ``view_weight`` per mm."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rec = Reconstructor(threads=threads)  # one policy (core.threads) for torch and the pipeline's stages
-    thread_policy.apply(threads)
+    thread_policy.apply(threads, torch=True)  # --threads is the one setting (OMP_NUM_THREADS is not read)
     fm = rec.face_model
     cache = Path(cache or out.with_suffix(".cache"))
     if Path(photos).is_dir():

@@ -287,7 +287,11 @@ def load_mat_arrays(rel: str) -> Dict[str, np.ndarray]:
     def read() -> Dict[str, np.ndarray]:
         import scipy.io  # only when the derived file is made
 
-        return {k: v for k, v in scipy.io.loadmat(asset_path(rel)).items() if not k.startswith("__")}
+        arrays = {k: v for k, v in scipy.io.loadmat(asset_path(rel)).items() if not k.startswith("__")}
+        odd = [k for k, v in arrays.items() if v.dtype.hasobject]  # structs, cells: no pickle-free npz
+        if odd:
+            raise FG3DError(f"asset {rel}: {', '.join(odd)} not a plain array (MATLAB struct or cell)")
+        return arrays
 
     return load_derived(f"{Path(rel).stem}.mat.{entry['sha256'][:12]}.npz", read)
 

@@ -135,16 +135,25 @@ def nnls(a: np.ndarray, b: np.ndarray, max_iter: int = 0) -> np.ndarray:
         if passive.all() or w[~passive].max() <= tol:
             break
         passive[np.argmax(np.where(passive, -np.inf, w))] = True
-        while True:
+        while passive.any():
             s = np.zeros(n)
-            s[passive] = np.linalg.solve(ata[np.ix_(passive, passive)], atb[passive])  # normal equations
+            s[passive] = _passive_solve(a, b, ata, atb, passive)
             if s[passive].min() > 0:
                 x = s
                 break
-            neg = passive & (s <= 0)
-            alpha = np.min(x[neg] / (x[neg] - s[neg]))
+            step = passive & (s <= 0) & (x - s > 0)  # the variables that leave on the way to s
+            alpha = np.min(x[step] / (x[step] - s[step])) if step.any() else 0.0
             x = x + alpha * (s - x)
             passive &= x > tol
             x[~passive] = 0.0
         w = atb - ata @ x
     return x
+
+
+def _passive_solve(a, b, ata, atb, passive) -> np.ndarray:
+    """Least squares in the passive columns: the normal equations (fast), or the columns' own lstsq
+    where they are singular (nearly equal columns)."""
+    try:
+        return np.linalg.solve(ata[np.ix_(passive, passive)], atb[passive])
+    except np.linalg.LinAlgError:
+        return np.linalg.lstsq(a[:, passive], b, rcond=None)[0]

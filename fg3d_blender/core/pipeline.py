@@ -245,7 +245,7 @@ class Reconstructor:
             say("models", 0.0)
             with _timed(t, "models"):
                 self.load_models(opts.refine)
-        thread_policy.ensure(self.threads)  # OpenCV, BLAS (and torch) as the networks: one policy
+        thread_policy.ensure(self.threads, torch=self.backend == "torch")  # one policy for every stage
         say("load", 0.05)
         with _timed(t, "load"):
             image = load_image(photo)

@@ -82,17 +82,19 @@ def run_pipeline(
 ):
     """The one call both the synchronous and the threaded path make (a run is not stopped half-way:
     ``cancelled`` is accepted like every job target's, and the result is discarded)."""
+    from ..core import threads as thread_policy  # with the pipeline: at the first run
     from ..core.pipeline import reconstruct  # the heavy imports: at the first run, never at enable time
 
     apply_environment(settings)
-    return reconstruct(
-        settings.filepath,
-        face_index=settings.face_index,
-        refine=settings.refine,
-        texture_size=settings.texture_size,
-        progress=progress,
-        threads=settings.threads,  # core.threads: 0 = automatic (one: more were never faster)
-    )
+    with thread_policy.kept():  # Blender's other add-ons keep their OpenCV and BLAS thread counts
+        return reconstruct(
+            settings.filepath,
+            face_index=settings.face_index,
+            refine=settings.refine,
+            texture_size=settings.texture_size,
+            progress=progress,
+            threads=settings.threads,  # core.threads: 0 = automatic (one: more were never faster)
+        )
 
 
 def error_line(exc: BaseException) -> str:
