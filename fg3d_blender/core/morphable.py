@@ -71,8 +71,10 @@ class ExpressionModes:
             return cls(names=[str(n) for n in z["names"]], modes=modes)
 
     def apply(self, weights: np.ndarray) -> np.ndarray:
-        """The (N,3) displacement of the weights (K,)."""
-        return np.tensordot(weights.astype(np.float32), self.modes, axes=1)
+        """The (N,3) displacement of the weights (K,).  The fitted weights are sparse (a handful of 53):
+        only the modes with a weight are summed (~0.5 ms instead of ~4 ms for all 53)."""
+        nz = np.flatnonzero(weights)
+        return np.tensordot(weights[nz].astype(np.float32), self.modes[nz], axes=1)
 
     def sparse(self, min_mm: float) -> List[Tuple[np.ndarray, np.ndarray]]:
         """Per mode, (the vertices it moves by more than ``min_mm``, as uint32; their (n,3) displacements
