@@ -259,14 +259,15 @@ def cmd_fetch_assets(args) -> int:
 
 
 def _checkout_module(command: str):
-    """The module of a checkout-only command, or None where it is absent (the add-on zip)."""
-    name = CHECKOUT_COMMANDS[command][0]
-    if importlib.util.find_spec(name.split(".")[0]) is None:
-        return None
-    return importlib.import_module(name)  # optional package, imported only where present
+    """The module of a checkout-only command (build_parser has checked that its package is present)."""
+    return importlib.import_module(CHECKOUT_COMMANDS[command][0])  # optional package: a checkout only
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Optional[List[str]] = None) -> argparse.ArgumentParser:
+    """The parser.  A checkout command's module (benchmarks, training: they import torch, ~1.7 s) is
+    imported only when ``argv`` runs that command; the others are listed by name and help text."""
+    words = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
+    chosen = words[0] if words else None
     p = _Parser(
         prog="python -m fg3d_blender",
         description="One photo of a face → a textured, editable 3D face mesh (FGNet).",
@@ -309,17 +310,19 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fetch-assets", help="download (or copy from $FG3D_ASSET_MIRROR) the model files")
     f.add_argument("--optional", action="store_true", help="also the optional Surrey Face Model files")
     f.set_defaults(func=cmd_fetch_assets)
-    for command, (_, text) in CHECKOUT_COMMANDS.items():
-        module = _checkout_module(command)
-        if module is not None:
-            c = sub.add_parser(command, help=text)
+    for command, (name, text) in CHECKOUT_COMMANDS.items():
+        if importlib.util.find_spec(name.split(".")[0]) is None:  # the add-on zip: not there
+            continue
+        c = sub.add_parser(command, help=text)
+        if command == chosen:
+            module = _checkout_module(command)
             module.add_arguments(c)
             c.set_defaults(func=module.run)
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     previous = None
     try:
         previous = signal.signal(signal.SIGTERM, _on_sigterm)

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-from conftest import check_one_error_line
+from conftest import REPO, check_one_error_line
 
 from fg3d_blender.core.geometry import nme
 
@@ -402,3 +404,44 @@ def test_demo_command(tmp_path, run_cli):
         assert z["vertices"].shape == (53215, 3)
         lm = z["landmarks_2d"]
     assert 150 < lm[:, 0].mean() < 300 and 50 < lm[:, 1].mean() < 200  # her face, upper middle of 512²
+
+
+def test_reconstruct_from_a_checkout_imports_neither_torch_nor_the_checkout_commands(
+    tmp_path, example_photo, cli_env
+):
+    """The parser lists bench and train-fgnet by name; their modules (torch: ~1.7 s of every CLI start)
+    are imported only when one of them runs; nor scipy, once the derived files exist (made here first)."""
+    from fg3d_blender.core.pipeline import default_reconstructor
+
+    default_reconstructor().load_models()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-X",
+            "importtime",
+            "-m",
+            "fg3d_blender",
+            "reconstruct",
+            example_photo,
+            "-o",
+            tmp_path,
+        ],
+        cwd=REPO,
+        env=cli_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if "|" in line}
+    assert not imported & {"torch", "training", "benchmarks", "scipy"}, imported & {"torch", "scipy"}
+    assert (
+        "bench"
+        in subprocess.run(
+            [sys.executable, "-m", "fg3d_blender", "--help"],
+            cwd=REPO,
+            env=cli_env,
+            capture_output=True,
+            text=True,
+        ).stdout
+    )
