@@ -162,8 +162,10 @@ def cmd_reconstruct(args) -> int:
         _err(message)
 
     def written(i: int, photo: Path, result, files) -> None:
+        """Report photo ``i`` once its files are written: ``files`` is the writer thread's Future, or
+        the call that writes them here."""
         try:
-            files = files.result() if isinstance(files, Future) else files
+            files = files.result() if isinstance(files, Future) else files()
         except Exception as exc:  # noqa: BLE001 - one photo's failure, whatever it is, ends only that photo
             failed(photo, exc)
         else:
@@ -204,11 +206,7 @@ def cmd_reconstruct(args) -> int:
                 continue
             job = (out_dir, stem, formats, extras, writers)
             if pool is None:
-                try:
-                    written(i, photo, result, write_outputs(result, *job))
-                except Exception as exc:  # noqa: BLE001 - as above
-                    failed(photo, exc)
-                    bar.update(i + 1, photo.name)
+                written(i, photo, result, lambda: write_outputs(result, *job))  # noqa: B023 - called here
                 continue
             if pending is not None:
                 written(*pending)  # at most one photo's files in flight: memory stays one result more
