@@ -53,13 +53,14 @@ class ICTModel:
     neutral: np.ndarray  # (V,3) cm, skin vertices
     triangles: np.ndarray  # (T,3) int32, skin only, quads split
     landmarks: np.ndarray  # (68,) vertex indices, iBUG order
-    names: List[str]  # the 53 ARKit-style blendshapes
-    modes: np.ndarray  # (53,V,3) cm, expression − neutral
+    names: List[str]  # the 53 ARKit-style blendshapes (or the 100 identities)
+    modes: np.ndarray  # (53,V,3) cm, expression − neutral (or identity − neutral)
 
 
-def load_ict(folder: Path) -> ICTModel:
+def load_ict(folder: Path, kind: str = "expression") -> ICTModel:
     """ICT-FaceKit's neutral skin, its triangles (read from the OBJ's ``f`` lines, original vertex order)
-    and the 53 ARKit expression modes of ``shape_modes.npz``."""
+    and the modes of ``shape_modes.npz``: the 53 ARKit expression modes (``kind="expression"``) or the
+    100 light-stage identity modes (``kind="identity"``, weights ~ N(0, 1))."""
     folder = Path(folder)
     need = ["shape_modes.npz", "vertex_indices.json", "generic_neutral_mesh.obj"]
     missing = [n for n in need if not (folder / n).is_file()]
@@ -67,10 +68,10 @@ def load_ict(folder: Path) -> ICTModel:
         raise FG3DError(f"{folder} is not an ICT-FaceKit folder: {', '.join(missing)} missing")
     with np.load(folder / "shape_modes.npz", allow_pickle=False) as z:
         neutral = z["neutral"].astype(np.float64)
-        all_names = [str(n) for n in z["expression_names"]]
-        all_modes = z["expression_modes"]
+        all_names = [str(n) for n in z[f"{kind}_names"]]
+        all_modes = z[f"{kind}_modes"]
     index = json.loads((folder / "vertex_indices.json").read_text(encoding="utf-8"))
-    names = list(index["expressions"])
+    names = list(index["expressions"]) if kind == "expression" else all_names
     modes = np.stack([all_modes[all_names.index(n)] for n in names]).astype(np.float64)
     tris = []
     with open(folder / "generic_neutral_mesh.obj", encoding="utf-8") as f:

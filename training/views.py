@@ -36,15 +36,9 @@ def view_one(
     shape_range: Tuple[float, float],
     teacher: Optional[FGNetRefiner] = None,
 ) -> Optional[dict]:
-    """A cached photo's face re-rendered at a new pose (``novel_view``), as a cache record of the render
-    (the pipeline's coarse fit of it, exactly like ``cache_one``) plus what is true about it:
-
-    * ``target``: the drawn mesh, moved onto the render's coarse fit by a similarity transform, as a UV
-      map of image-space positions (px), so the error left is shape, not pose or size;
-    * ``head_landmarks``: the drawn mesh's 68 keypoints (the render's exact landmarks).
-
-    The drawn mesh is the photo's coarse fit plus ``teacher``'s refinement (None: the coarse shape
-    alone).  None when HOG finds no face in the render (or another one)."""
+    """A cached photo's face re-rendered at a new pose (``novel_view``), as ``render_record`` of the
+    render (HOG only).  The drawn mesh is the photo's coarse fit plus ``teacher``'s refinement (None:
+    the coarse shape alone).  None when HOG finds no face in the render (or another one)."""
     fm = rec.face_model
     rng = np.random.default_rng(int(i))
     image = data["images"][i]
@@ -54,8 +48,30 @@ def view_one(
     yaw = novel_view.away_yaw(fit.pose_degrees["yaw"], rng.uniform(*VIEW_TURN_DEG), rng)
     moved = novel_view.turned(drawn, yaw, rng.uniform(-VIEW_PITCH_DEG, VIEW_PITCH_DEG))
     view, _ = novel_view.render_view(image, drawn, moved, fm.triangles)
-    truth = moved[fm.keypoints, :2]
-    faces = rec.faces(view, use_cnn=False)
+    return render_record(rec, view, moved, size, shape_range, use_cnn=False)
+
+
+def render_record(
+    rec: Reconstructor,
+    view: np.ndarray,
+    drawn: np.ndarray,
+    size: int,
+    shape_range: Tuple[float, float],
+    use_cnn: bool = True,
+) -> Optional[dict]:
+    """The cache record of a render whose drawn image-space vertices (N,3) are known: the pipeline's
+    detection and coarse fit of it (``cache_one``), plus
+
+    * ``target``: the drawn mesh, moved onto the render's coarse fit by a similarity transform, as a UV
+      map of image-space positions (px), so the error left is shape, not pose or size;
+    * ``head_landmarks``: the drawn mesh's 68 keypoints (the render's exact landmarks);
+    * ``view_image``: the render.
+
+    None when no face is found near the drawn one (HOG, then, with ``use_cnn``, the CNN as in the
+    pipeline)."""
+    fm = rec.face_model
+    truth = drawn[fm.keypoints, :2]
+    faces = rec.faces(view, use_cnn=use_cnn)
     if not faces:
         return None
     face = detect.nearest_face(faces, truth.mean(0))
@@ -64,7 +80,7 @@ def view_one(
     out = cache_one(rec, view, face.landmarks, size, shape_range)
     coarse = fm.face_vertices(out["alpha"], out["expression"] if len(out["expression"]) else None)
     coarse = coarse @ out["A"].T.astype(np.float64) + out["b"]
-    target = similarity_align(moved.astype(np.float64), coarse).astype(np.float32)
+    target = similarity_align(drawn.astype(np.float64), coarse).astype(np.float32)
     out["target"] = fm.to_uv(target, size)
     out["head_landmarks"] = truth.astype(np.float32)
     out["view_image"] = view
