@@ -48,6 +48,19 @@ def add_arguments(t: argparse.ArgumentParser) -> None:
     )
     t.add_argument("--views-per-batch", type=int, default=4, metavar="N")
     t.add_argument("--view-weight", type=float, default=0.15, help="weight of the views' 3D error, per mm")
+    t.add_argument(
+        "--synthetic",
+        type=int,
+        default=0,
+        metavar="N",
+        help="add N synthetic faces of ICT-FaceKit light-stage identities beyond the 3DMM (and N/20 held "
+        "out), rendered with real photos' textures and lighting, whose 3D shape is known (needs --ict)",
+    )
+    t.add_argument("--ict", metavar="DIR", help="ICT-FaceKit's folder (shared/ict_facekit), for --synthetic")
+    t.add_argument("--synthetic-per-batch", type=int, default=8, metavar="N")
+    t.add_argument(
+        "--synthetic-weight", type=float, default=0.3, help="weight of the synthetic faces' 3D error, per mm"
+    )
 
 
 def run(args) -> int:
@@ -58,6 +71,10 @@ def run(args) -> int:
         raise FG3DError(f"{args.init}: no such weights file (--init)")
     if args.views < 0 or args.views_per_batch < 1:
         raise FG3DError("--views must be 0 or more and --views-per-batch 1 or more")
+    if args.synthetic < 0 or args.synthetic_per_batch < 1:
+        raise FG3DError("--synthetic must be 0 or more and --synthetic-per-batch 1 or more")
+    if args.synthetic and not (args.ict and (Path(args.ict) / "shape_modes.npz").is_file()):
+        raise FG3DError("--synthetic needs --ict DIR, ICT-FaceKit's folder with shape_modes.npz")
     from . import trainer  # imports torch and the pipeline: only when training runs, not for every CLI call
 
     out = Path(args.out)
@@ -80,6 +97,10 @@ def run(args) -> int:
         views=args.views,
         views_per_batch=args.views_per_batch,
         view_weight=args.view_weight,
+        synthetic=args.synthetic,
+        synthetic_per_batch=args.synthetic_per_batch,
+        synthetic_weight=args.synthetic_weight,
+        ict=Path(args.ict) if args.ict else None,
         log=lambda m: print(m, file=sys.stderr, flush=True),
     )
     print(json.dumps(res))

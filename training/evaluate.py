@@ -48,23 +48,25 @@ def evaluate(net, batcher: Batcher, losses: Losses, idx: np.ndarray, batch: int 
     }
 
 
-def evaluate_views(net, batcher: Batcher, losses: Losses, idx: np.ndarray, batch: int = 16) -> dict:
-    """Mean 3D shape error (mm) on synthetic views, coarse vs refined."""
+def evaluate_views(
+    net, batcher: Batcher, losses: Losses, idx: np.ndarray, batch: int = 16, prefix: str = "view"
+) -> dict:
+    """Mean 3D shape error (mm) on renders of known shape (``prefix``: views or synthetic), coarse vs
+    refined."""
     if len(idx) == 0:
         return {}
-    coarse, refined = [], []
+    errs = {k: [] for k in ("shape_mm_coarse", "shape_mm_refined", "surface_mm_coarse", "surface_mm_refined")}
     net.eval()
     with torch.inference_mode():
         for s in range(0, len(idx), batch):
             b = batcher.batch(idx[s : s + batch])
             d = net(b["paf"], b["vis"], b["shape"]).float()
-            coarse.append(losses.shape_error_mm(torch.zeros_like(d), b).cpu().numpy())
-            refined.append(losses.shape_error_mm(d, b).cpu().numpy())
-    return {
-        "views_n": int(len(idx)),
-        "view_shape_mm_coarse": float(np.concatenate(coarse).mean()),
-        "view_shape_mm_refined": float(np.concatenate(refined).mean()),
-    }
+            for stage, dd in (("coarse", torch.zeros_like(d)), ("refined", d)):
+                errs[f"shape_mm_{stage}"].append(losses.shape_error_mm(dd, b).cpu().numpy())
+                errs[f"surface_mm_{stage}"].append(losses.surface_error_mm(dd, b).cpu().numpy())
+    out = {f"{prefix}_n": int(len(idx))}
+    out.update({f"{prefix}_{k}": float(np.concatenate(v).mean()) for k, v in errs.items()})
+    return out
 
 
 def recalibrate_bn(

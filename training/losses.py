@@ -7,7 +7,9 @@
 * landmarks: the 68 refined keypoint vertices, projected, against the target landmarks (the
   regressor's landmark head by default), normalised by the face size;
 * Laplacian smoothness of D and a magnitude prior on D;
-* ``shape_error_mm``: the synthetic views' 3D error against their known shape.
+* ``shape_error_mm``: the synthetic views' 3D error against their known shape;
+* ``surface_error_mm``: the synthetic faces' (``synthetic``) 3D error over the face region, across the
+  surface, after the best similarity.
 """
 
 from __future__ import annotations
@@ -26,6 +28,38 @@ from fg3d_blender.core.morphable import FaceModel
 from .batches import LANDMARK_TARGETS, UVModel
 from .cache import ALBEDO_SIGMA_FRAC
 
+TANGENTIAL_WEIGHT = 0.25  # of the synthetic faces' error along the surface, against 1 across it
+
+
+def similarity_params(src, dst, w):
+    """Per batch element, the similarity (scale (B,), rotation (B,3,3), src centroid, dst centroid
+    (B,1,3)) taking ``src`` (B,S,S,3) onto ``dst`` with the least ``w``-weighted (S,S) squared distance
+    (Umeyama)."""
+    ww = (w / w.sum()).reshape(1, -1, 1)
+    x = src.reshape(src.shape[0], -1, 3)
+    y = dst.reshape(dst.shape[0], -1, 3)
+    mx, my = (x * ww).sum(1, keepdim=True), (y * ww).sum(1, keepdim=True)
+    xc, yc = x - mx, y - my
+    cov = torch.einsum("bni,bnj->bij", yc * ww, xc)
+    u, sv, vt = torch.linalg.svd(cov)
+    sign = torch.ones_like(sv)
+    sign[:, 2] = torch.sign(torch.linalg.det(u @ vt))
+    r = u @ torch.diag_embed(sign) @ vt
+    var = (xc.square().sum(-1, keepdim=True) * ww).sum((1, 2))
+    return (sv * sign).sum(1) / var.clamp_min(1e-9), r, mx, my
+
+
+def apply_similarity(points, params):
+    """(B,S,S,3) points moved by ``similarity_params``' transform."""
+    s, r, mx, my = params
+    x = points.reshape(points.shape[0], -1, 3) - mx
+    return (s.view(-1, 1, 1) * torch.einsum("bij,bnj->bni", r, x) + my).reshape(points.shape)
+
+
+def similarity_onto(src, dst, w):
+    """``src`` moved onto ``dst`` by the best ``w``-weighted similarity."""
+    return apply_similarity(src, similarity_params(src, dst, w))
+
 
 class Losses:
     """The four UV-space losses; ``__call__`` returns (total, parts dict)."""
@@ -41,6 +75,8 @@ class Losses:
         inner[[0, -1], :] = False  # no central differences (normals) on the map's border
         inner[:, [0, -1]] = False
         self.inner = torch.from_numpy(inner.astype(np.float32)).to(device)
+        face = fm.to_uv(fm.face_region.astype(np.float32), uvm.size) > 0.99
+        self.face = self.inner * torch.from_numpy(face.astype(np.float32)).to(device)
         kg = uvm.kp_uv * 2 - 1
         kg[:, 1] = -kg[:, 1]  # v up → row down
         self.kp_grid = torch.from_numpy(kg).to(device).view(1, 1, -1, 2)
@@ -121,6 +157,23 @@ class Losses:
         scale = torch.linalg.det(b["A"]).abs().pow(1.0 / 3.0)
         e = (q - b["target"]).norm(dim=-1) * self.inner
         return e.sum((1, 2)) / self.inner.sum() / scale
+
+    def surface_error_mm(self, d, b, tangential: float = TANGENTIAL_WEIGHT):
+        """(B,) the synthetic faces' 3D error (mm) over the face region only (within 95 mm of the nose
+        tip): the refined face moved onto the true shape by the similarity that fits them best there
+        (Umeyama, found without gradient, applied with it: a smaller or larger face gains nothing), its
+        error along the true surface's normal counted fully and the part along the surface (which a
+        photo says little about) by ``tangential``."""
+        q = self.project(b["p0"] + d.permute(0, 2, 3, 1), b)
+        t = b["target"]
+        moved = apply_similarity(q, similarity_params(q.detach(), t, self.face))
+        n = self.normals(t)
+        diff = moved - t
+        along = (diff * n).sum(-1)
+        tang = (diff - along.unsqueeze(-1) * n).square().sum(-1)
+        e = torch.sqrt(along.square() + tangential**2 * tang + 1e-6) * self.face
+        scale = torch.linalg.det(b["A"]).abs().pow(1.0 / 3.0)
+        return e.sum((1, 2)) / self.face.sum() / scale
 
     def __call__(self, d, b):
         p = b["p0"] + d.permute(0, 2, 3, 1)

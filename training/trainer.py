@@ -8,6 +8,10 @@ fine-tuned with synthetic views of known shape.
 3. Synthetic views (``--views N``, usually a fine-tune with ``--init``): single photos carry no
    multi-view signal, so ``views`` renders training faces turned away from the camera, whose 3D shape
    is known, and their 3D error is added for ``--views-per-batch`` renders per step.
+4. Synthetic faces beyond the 3DMM (``--synthetic N --ict DIR``): ``synthetic`` draws ICT-FaceKit
+   light-stage identities on the BFM mesh, textured and lit from real photos, at poses up to ±80° yaw;
+   the pipeline's own detection and coarse fit run on each render, and the 3D error against the drawn
+   shape is added for ``--synthetic-per-batch`` renders per step (our FG3D).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from .batches import Batcher
 from .cache import build_cache, is_holdout, load_cache
 from .evaluate import evaluate, evaluate_views, recalibrate_bn
 from .losses import Losses
+from .synthetic import build_synthetic_cache, is_held, miss_counts
 from .views import build_view_cache
 
 FGNET_LICENCE = "BSD-2-Clause (this project's own training output; see FGNET_MODEL_CARD.md)"
@@ -75,13 +80,19 @@ def train(
     views: int = 0,
     views_per_batch: int = 4,
     view_weight: float = 0.15,
+    synthetic: int = 0,
+    synthetic_per_batch: int = 8,
+    synthetic_weight: float = 0.3,
+    ict: Optional[Path] = None,
     log=print,
 ) -> dict:
     """Train (or, with ``init``, fine-tune) FGNet on ``photos``; see the module docstring.
 
     ``views`` > 0 adds that many synthetic views of training photos (``view_one``; their geometry is the
     coarse fit plus ``init``'s refinement, or the coarse fit alone without ``init``), ``views_per_batch``
-    per step, with their 3D shape error weighted by ``view_weight`` per mm."""
+    per step, with their 3D shape error weighted by ``view_weight`` per mm.  ``synthetic`` > 0 adds that
+    many synthetic faces of ICT-FaceKit identities (``synthetic``; ``ict`` is ICT's folder; 1 in 20 more
+    are held out), ``synthetic_per_batch`` per step, their 3D error weighted by ``synthetic_weight``."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rec = Reconstructor(threads=threads)  # one policy (core.threads) for torch and the pipeline's stages
     thread_policy.apply(threads, torch=True)  # --threads is the one setting (OMP_NUM_THREADS is not read)
@@ -113,7 +124,7 @@ def train(
     else:
         torch.nn.init.zeros_(net.output_conv[0].weight)
         torch.nn.init.zeros_(net.output_conv[0].bias)
-    vbatcher, view_train, view_held = None, np.zeros(0, int), np.zeros(0, int)
+    known = []  # sets of renders whose shape is known: (name, batcher, train, held, per batch, weight)
     if views > 0:
         pick = np.random.default_rng(seed).permutation(train_idx)[:views]
         held_pick = held_idx[: max(1, views // 20)]
@@ -122,9 +133,33 @@ def train(
         )
         vdata = load_cache(cache / "views", "views_*.npz")
         vhold = np.array([is_holdout(str(n)[len("view_") :]) for n in vdata["names"]])
-        view_train, view_held = np.flatnonzero(~vhold), np.flatnonzero(vhold)
-        vbatcher = Batcher(fm, vdata, size, device, "head")
-        log(f"{len(vdata['names'])} synthetic views: {len(view_train)} train, {len(view_held)} held out")
+        known.append(("view", vdata, vhold, views_per_batch, view_weight))
+    if synthetic > 0:
+        if ict is None or not Path(ict).is_dir():
+            raise FG3DError("--synthetic needs --ict DIR (ICT-FaceKit's shape modes, shared/ict_facekit)")
+        n_held = max(1, synthetic // 20)
+        build_synthetic_cache(
+            rec, data, train_idx, held_idx, synthetic, n_held, Path(ict), cache / "synthetic", size, log=log
+        )
+        sdata = load_cache(cache / "synthetic", "synth_*.npz")
+        known.append(
+            (
+                "synthetic",
+                sdata,
+                np.array([is_held(n) for n in sdata["names"]]),
+                synthetic_per_batch,
+                synthetic_weight,
+            )
+        )
+        log(f"synthetic draws: {json.dumps(miss_counts(cache / 'synthetic'))}")
+    sets = []
+    for name, kdata, khold, per_batch, weight in known:
+        k_train, k_held = np.flatnonzero(~khold), np.flatnonzero(khold)
+        sets.append((name, Batcher(fm, kdata, size, device, "head"), k_train, k_held, per_batch, weight))
+        log(
+            f"{len(kdata['names'])} {name} renders of known shape: "
+            f"{len(k_train)} train, {len(k_held)} held out"
+        )
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     ckpt = out.with_name(out.name + ".ckpt")
     step, history = 0, []
@@ -147,13 +182,13 @@ def train(
         b = batcher.batch(rng.choice(train_idx, batch, replace=False))
         d = net(b["paf"], b["vis"], b["shape"])
         total, parts = losses(d, b)
-        if vbatcher is not None:
-            bv = vbatcher.batch(rng.choice(view_train, min(views_per_batch, len(view_train)), replace=False))
+        for name, kb, k_train, _, per_batch, weight in sets:
+            bv = kb.batch(rng.choice(k_train, min(per_batch, len(k_train)), replace=False))
             dv = net(bv["paf"], bv["vis"], bv["shape"])
             tv, _ = losses(dv, bv)
-            err = losses.shape_error_mm(dv, bv).mean()
-            total = total + tv * (len(bv["paf"]) / batch) + view_weight * err
-            parts["view_3d_mm"] = float(err.detach())
+            err = (losses.surface_error_mm if name == "synthetic" else losses.shape_error_mm)(dv, bv).mean()
+            total = total + tv * (len(bv["paf"]) / batch) + weight * err
+            parts[f"{name}_3d_mm"] = float(err.detach())
         opt.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
@@ -191,13 +226,13 @@ def train(
         if eval_every and step % eval_every == 0 and step < steps:
             recalibrate_bn(net, batcher, train_idx, seed=step)
             ev = evaluate(net, batcher, losses, held_idx[:256])
-            if vbatcher is not None:
-                ev.update(evaluate_views(net, vbatcher, losses, view_held))
+            for name, kb, _, k_held, _, _ in sets:
+                ev.update(evaluate_views(net, kb, losses, k_held, prefix=name))
             log("held-out: " + json.dumps(ev))
     recalibrate_bn(net, batcher, train_idx, batches=80, seed=step)
     ev = evaluate(net, batcher, losses, held_idx)
-    if vbatcher is not None:
-        ev.update(evaluate_views(net, vbatcher, losses, view_held))
+    for name, kb, _, k_held, _, _ in sets:
+        ev.update(evaluate_views(net, kb, losses, k_held, prefix=name))
     sha = save_weights(
         net,
         out,
@@ -209,6 +244,7 @@ def train(
             "landmark_target": target,
             "heldout": json.dumps(ev),
             "views": views,
+            "synthetic": synthetic,
             "init_sha256": tag,
         },
     )
@@ -221,6 +257,7 @@ def train(
         "device": str(device),
         "landmark_target": target,
         "views": views,
+        "synthetic": synthetic,
         "init_sha256": tag,
     }
 
@@ -242,6 +279,8 @@ def install_weights(src: Path, models: Path, name: Optional[str] = None) -> dict
     }
     if int(ck.get("views", 0)):
         meta.update(views=int(ck["views"]), init_sha256=str(ck["init_sha256"]))
+    if int(ck.get("synthetic", 0)):
+        meta.update(synthetic=int(ck["synthetic"]), init_sha256=str(ck["init_sha256"]))
     entry = {
         "role": "fgnet",
         "path": name,
