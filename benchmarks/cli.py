@@ -12,6 +12,7 @@ DEFAULT_PHOTO = str(
     Path(__file__).resolve().parents[2] / "shared/photos/fg3d_examples/AFW_1814664578_2_0.jpg"
 )
 DEFAULT_SCAN_DIR = str(Path(__file__).resolve().parents[2] / "shared/scans/james")
+DEFAULT_ICT_DIR = str(Path(__file__).resolve().parents[2] / "shared/ict_facekit")
 #: bench name → the module whose ``run(args)`` runs it.  They import torch and the pipeline, so only the
 #: chosen one is imported, when it runs: building the parser stays cheap for every other command.
 RUNNERS = {
@@ -24,6 +25,7 @@ RUNNERS = {
     "figure": "fgnet_figure",
     "expression-figure": "expression_figure",
     "scan": "scan",
+    "synthetic": "synthetic",
 }
 
 
@@ -100,7 +102,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=2,
         help="how many lightings to render under (soft front, strong side, top; default 2)",
     )
-    for p in (a, s, c, h, m, r, f, ef, sc):
+    sy = sub.add_parser(
+        "synthetic",
+        help="held-out synthetic faces of known shape (ICT identities): 3D error coarse vs refined, "
+        "detail, detail correlation across lightings",
+    )
+    sy.add_argument(
+        "--cache", required=True, help="the train-fgnet cache folder (its photos texture the faces)"
+    )
+    sy.add_argument("--ict", default=DEFAULT_ICT_DIR, help="ICT-FaceKit's folder (shared/ict_facekit)")
+    sy.add_argument("--n", type=int, default=150, help="held-out draws to render (default 150)")
+    sy.add_argument("--lighting-pairs", type=int, default=16, help="faces rendered under two lightings")
+    sy.add_argument("--figure", metavar="PNG", help="write figure rows of held-out faces")
+    sy.add_argument("--figure-rows", type=int, default=4)
+    for p in (a, s, c, h, m, r, f, ef, sc, sy):
         p.add_argument("--json", action="store_true", help="print one JSON line")
 
 
