@@ -23,6 +23,8 @@ from training.expressions import load_ict
 from training.losses import Losses, similarity_onto
 from training.views import render_record
 
+pytestmark = pytest.mark.slow  # real photos through the pipeline, ICT's registration, training (~2.5 min)
+
 REC = default_reconstructor()
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 ICT = SHARED / "ict_facekit"
