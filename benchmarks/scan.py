@@ -29,7 +29,12 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from fg3d_blender.core import render
-from fg3d_blender.core.geometry import closest_points_on_mesh, shape_consistency, similarity_transform
+from fg3d_blender.core.geometry import (
+    closest_points_on_mesh,
+    pose_rotation,
+    shape_consistency,
+    similarity_transform,
+)
 from fg3d_blender.core.morphable import FACE_RADIUS_MM
 from fg3d_blender.core.pipeline import Reconstructor
 
@@ -174,15 +179,6 @@ def load_scan(folder, reference_landmarks: np.ndarray) -> Scan:
 
 
 # ---- rendering ------------------------------------------------------------------------------------
-
-
-def pose_rotation(yaw_deg: float, pitch_deg: float) -> np.ndarray:
-    """R = Rx(pitch) @ Ry(yaw): the decomposition ``Fit.pose_degrees`` reads back (yaw + = face toward
-    the photo's right, pitch + = head down)."""
-    y, p = np.radians(yaw_deg), np.radians(pitch_deg)
-    ry = np.array([[np.cos(y), 0, np.sin(y)], [0, 1, 0], [-np.sin(y), 0, np.cos(y)]])
-    rx = np.array([[1, 0, 0], [0, np.cos(p), -np.sin(p)], [0, np.sin(p), np.cos(p)]])
-    return rx @ ry
 
 
 def px_per_mm(scan: Scan) -> float:

@@ -22,11 +22,12 @@ from typing import Dict, List, Optional
 import cv2
 import numpy as np
 
-from fg3d_blender.core import detect, render
+from fg3d_blender.core import render
 from fg3d_blender.core.geometry import similarity_align
 from fg3d_blender.core.pipeline import Reconstructor
 from training import synthetic
 from training.cache import is_holdout, load_cache
+from training.views import drawn_face
 
 from .fgnet_figure import _shade
 
@@ -60,12 +61,8 @@ def detail_map(fm, refined: np.ndarray, coarse: np.ndarray) -> np.ndarray:
 def reconstruct(rec: Reconstructor, image: np.ndarray, drawn: np.ndarray):
     """(fit, coarse vertices, refined vertices) of the face found where the face was drawn (``drawn``:
     its image-space vertices), or None when no face is found there (a miss)."""
-    truth = drawn[rec.face_model.keypoints, :2]
-    faces = rec.faces(image)
-    if not faces:
-        return None
-    face = detect.nearest_face(faces, truth.mean(0))
-    if np.linalg.norm(face.landmarks.mean(0) - truth.mean(0)) > 0.1 * np.ptp(truth[:, 0]):
+    face = drawn_face(rec, image, drawn[rec.face_model.keypoints, :2])
+    if face is None:
         return None
     fit = rec.fit(image, face.landmarks)
     refined, refined_ok = rec.refined_shape(image, fit)

@@ -35,7 +35,7 @@ import numpy as np
 
 from fg3d_blender.core import render
 from fg3d_blender.core.fgnet_inputs import load_shape_range
-from fg3d_blender.core.geometry import sh_basis
+from fg3d_blender.core.geometry import pose_rotation, sh_basis
 from fg3d_blender.core.morphable import FaceModel
 from fg3d_blender.core.pipeline import Reconstructor, bake_texture, render_mesh
 
@@ -153,12 +153,8 @@ def vertex_albedo(fm: FaceModel, data: dict, i: int) -> np.ndarray:
 
 def camera(d: Draw, fm: FaceModel, data: dict, shape: np.ndarray):
     """(A, b) of the render: the draw's rotation, the frame fit's scale and keypoint centroid, jittered."""
-    y, p, r = np.radians([d.yaw, d.pitch, d.roll])
-    ry = np.array([[np.cos(y), 0, np.sin(y)], [0, 1, 0], [-np.sin(y), 0, np.cos(y)]])
-    rx = np.array([[1, 0, 0], [0, np.cos(p), -np.sin(p)], [0, np.sin(p), np.cos(p)]])
-    rz = np.array([[np.cos(r), -np.sin(r), 0], [np.sin(r), np.cos(r), 0], [0, 0, 1]])
     frame = cached_fit(fm, data, d.frame_of)
-    a = np.diag([1.0, -1.0, 1.0]) @ (rz @ rx @ ry) * frame.scale * d.scale
+    a = np.diag([1.0, -1.0, 1.0]) @ pose_rotation(d.yaw, d.pitch, d.roll) * frame.scale * d.scale
     centre = frame.project(frame.vertices[fm.keypoints]).mean(0)
     centre[:2] += d.shift
     b = centre - shape[fm.keypoints].astype(np.float64).mean(0) @ a.T

@@ -51,6 +51,18 @@ def view_one(
     return render_record(rec, view, moved, size, shape_range, use_cnn=False)
 
 
+def drawn_face(rec: Reconstructor, view: np.ndarray, truth: np.ndarray, use_cnn: bool = True):
+    """The detected face whose landmarks lie where the drawn face's 68 keypoints ``truth`` (68,2) are
+    (centroids within a tenth of the drawn face's width), or None (no face, or only another one)."""
+    faces = rec.faces(view, use_cnn=use_cnn)
+    if not faces:
+        return None
+    face = detect.nearest_face(faces, truth.mean(0))
+    if np.linalg.norm(face.landmarks.mean(0) - truth.mean(0)) > 0.1 * np.ptp(truth[:, 0]):
+        return None
+    return face
+
+
 def render_record(
     rec: Reconstructor,
     view: np.ndarray,
@@ -71,11 +83,8 @@ def render_record(
     pipeline)."""
     fm = rec.face_model
     truth = drawn[fm.keypoints, :2]
-    faces = rec.faces(view, use_cnn=use_cnn)
-    if not faces:
-        return None
-    face = detect.nearest_face(faces, truth.mean(0))
-    if np.linalg.norm(face.landmarks.mean(0) - truth.mean(0)) > 0.1 * np.ptp(truth[:, 0]):
+    face = drawn_face(rec, view, truth, use_cnn)
+    if face is None:
         return None
     out = cache_one(rec, view, face.landmarks, size, shape_range)
     coarse = fm.face_vertices(out["alpha"], out["expression"] if len(out["expression"]) else None)

@@ -27,6 +27,17 @@ def similarity_transform(src: np.ndarray, dst: np.ndarray) -> Tuple[float, np.nd
     return scale, r, md - scale * ms @ r.T
 
 
+def pose_rotation(yaw_deg: float, pitch_deg: float, roll_deg: float = 0.0) -> np.ndarray:
+    """R = Rz(roll) @ Rx(pitch) @ Ry(yaw) in the BFM frame (x right, y up, z toward the viewer): the
+    decomposition ``Fit.pose_degrees`` reads back (yaw + = face toward the photo's right, pitch + = head
+    down, roll in the image plane)."""
+    y, p, r = np.radians([yaw_deg, pitch_deg, roll_deg])
+    ry = np.array([[np.cos(y), 0, np.sin(y)], [0, 1, 0], [-np.sin(y), 0, np.cos(y)]])
+    rx = np.array([[1, 0, 0], [0, np.cos(p), -np.sin(p)], [0, np.sin(p), np.cos(p)]])
+    rz = np.array([[np.cos(r), -np.sin(r), 0], [np.sin(r), np.cos(r), 0], [0, 0, 1]])
+    return rz @ rx @ ry
+
+
 def similarity_align(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     """src (N,3) moved onto dst by the least-squares similarity transform."""
     s, r, t = similarity_transform(src, dst)
