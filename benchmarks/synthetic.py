@@ -47,8 +47,7 @@ def aligned_error(mesh: np.ndarray, truth: np.ndarray, region: np.ndarray) -> np
 
 def detail_map(fm, refined: np.ndarray, coarse: np.ndarray) -> np.ndarray:
     """(S,S) the refinement's high-frequency component along the coarse surface normal (mm)."""
-    n = render.vertex_normals(coarse, fm.triangles)
-    n /= np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-6)
+    n = render.vertex_normals(coarse, fm.triangles)  # unit normals
     along = np.einsum("ij,ij->i", refined - coarse, n)
     uv = fm.to_uv(along, DETAIL_UV)
     mask = fm.uv_raster(DETAIL_UV).mask.astype(np.float32)
@@ -71,36 +70,28 @@ def reconstruct(rec: Reconstructor, image: np.ndarray, drawn: np.ndarray):
     return fit, fit.vertices, refined
 
 
-def _error_colours(err: np.ndarray, n: int, region: np.ndarray) -> np.ndarray:
-    full = np.zeros(n, np.float32)
-    full[region] = err
-    t = (np.clip(full / ERROR_RANGE_MM, 0, 1) * 255).astype(np.uint8)
+def _error_colours(err: np.ndarray) -> np.ndarray:
+    """Per-vertex colours (N,3) of per-vertex errors (mm): the JET map over 0…ERROR_RANGE_MM."""
+    t = (np.clip(err / ERROR_RANGE_MM, 0, 1) * 255).astype(np.uint8)
     return cv2.applyColorMap(t[:, None], cv2.COLORMAP_JET)[:, 0].astype(np.float32) / 255.0
 
 
-def figure_row(fm, image, fit, coarse, refined, truth_iv, region) -> np.ndarray:
-    rot = fit.rotation
+def figure_row(fm, image, fit, meshes: Dict[str, np.ndarray], errors: Dict[str, np.ndarray]) -> np.ndarray:
+    """photo | coarse | refined | truth (similarity-aligned onto coarse) | coarse and refined error
+    (``errors``: per-vertex mm, 0 outside the face region), shaded in the fit's pose."""
 
     def shaded(verts, colours=None):
-        iv = fit.project(verts)
-        n = render.vertex_normals(verts, fm.triangles) @ rot.T
-        return _shade(image, iv, n, fm.triangles, colours)
+        n = render.vertex_normals(verts, fm.triangles) @ fit.rotation.T
+        return _shade(image, fit.project(verts), n, fm.triangles, colours)
 
-    # the truth in the fit's frame: the drawn image-space vertices mapped back through the fit's camera
-    a_inv = np.linalg.inv(fit.A.astype(np.float64))
-    truth_model = (truth_iv.astype(np.float64) - fit.b) @ a_inv.T
-    truth_aligned = similarity_align(truth_model, coarse.astype(np.float64))
-    e_c = np.zeros(len(coarse))
-    e_r = np.zeros(len(coarse))
-    e_c[region] = aligned_error(coarse, truth_model, region)
-    e_r[region] = aligned_error(refined, truth_model, region)
+    truth = similarity_align(meshes["truth"].astype(np.float64), meshes["coarse"].astype(np.float64))
     panels = [
         image,
-        shaded(coarse),
-        shaded(refined),
-        shaded(truth_aligned.astype(np.float32)),
-        shaded(coarse, _error_colours(e_c[region], len(coarse), region)),
-        shaded(refined, _error_colours(e_r[region], len(coarse), region)),
+        shaded(meshes["coarse"]),
+        shaded(meshes["refined"]),
+        shaded(truth.astype(np.float32)),
+        shaded(meshes["coarse"], _error_colours(errors["coarse"])),
+        shaded(meshes["refined"], _error_colours(errors["refined"])),
     ]
     return np.hstack([cv2.resize(p, (PANEL, PANEL), interpolation=cv2.INTER_AREA) for p in panels])
 
@@ -128,13 +119,16 @@ def run(args) -> dict:
             missed.append(k)
             continue
         fit, coarse, refined = out
-        truth = synthetic.true_shape(fm, modes, data, d)
-        coarse_e[k] = float(aligned_error(coarse, truth, region).mean())
-        refined_e[k] = float(aligned_error(refined, truth, region).mean())
+        meshes = {"coarse": coarse, "refined": refined, "truth": synthetic.true_shape(fm, modes, data, d)}
+        errors = {}
+        for stage in ("coarse", "refined"):
+            errors[stage] = np.zeros(len(coarse))
+            errors[stage][region] = aligned_error(meshes[stage], meshes["truth"], region)
+        coarse_e[k], refined_e[k] = (float(errors[s][region].mean()) for s in ("coarse", "refined"))
         yaw_of[k] = abs(d.yaw)
         details.append(float(np.abs(detail_map(fm, refined, coarse)).mean()))
         if args.figure and len(rows) < args.figure_rows:
-            rows.append(figure_row(fm, image, fit, coarse, refined, drawn, region))
+            rows.append(figure_row(fm, image, fit, meshes, errors))
     corr = lighting_correlation(rec, fm, modes, data, held, args.lighting_pairs)
     if args.figure and rows:
         cv2.imwrite(str(args.figure), np.vstack(rows))

@@ -145,31 +145,30 @@ def vertex_albedo(fm: FaceModel, data: dict, i: int) -> np.ndarray:
     fit = cached_fit(fm, data, i)
     tex = bake_texture(image, render_mesh(image.shape, fit, fit.vertices, fm), fm, TEXTURE_SIZE)
     colour = fm.from_uv(tex.astype(np.float32))
-    n = render.vertex_normals(fit.vertices, fm.triangles) @ fit.rotation.T
-    n /= np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-6)
+    n = render.vertex_normals(fit.vertices, fm.triangles) @ fit.rotation.T  # unit normals, turned
     shade = np.clip(shading(n, data["light"][i]), *SHADE_CLIP)
     return (colour / shade[:, None]).astype(np.float32)
 
 
 def camera(d: Draw, fm: FaceModel, data: dict, shape: np.ndarray):
-    """(A, b) of the render: the draw's rotation, the frame fit's scale and keypoint centroid, jittered."""
+    """(A, b, rotation) of the render: the draw's rotation, the frame fit's scale and keypoint centroid,
+    jittered."""
     frame = cached_fit(fm, data, d.frame_of)
-    a = np.diag([1.0, -1.0, 1.0]) @ pose_rotation(d.yaw, d.pitch, d.roll) * frame.scale * d.scale
+    rot = pose_rotation(d.yaw, d.pitch, d.roll)
+    a = np.diag([1.0, -1.0, 1.0]) @ rot * frame.scale * d.scale
     centre = frame.project(frame.vertices[fm.keypoints]).mean(0)
     centre[:2] += d.shift
     b = centre - shape[fm.keypoints].astype(np.float64).mean(0) @ a.T
-    return a, b
+    return a, b, rot
 
 
 def render_draw(fm: FaceModel, modes: np.ndarray, data: dict, d: Draw):
     """(uint8 BGR image like the photos, drawn image-space vertices (N,3)) of one draw."""
     shape = true_shape(fm, modes, data, d)
-    a, b = camera(d, fm, data, shape)
+    a, b, rot = camera(d, fm, data, shape)
     iv = (shape.astype(np.float64) @ a.T + b).astype(np.float32)
     h, w = data["images"].shape[1:3]
-    rot = np.diag([1.0, -1.0, 1.0]) @ a / np.abs(np.linalg.det(a)) ** (1.0 / 3.0)
-    n = render.vertex_normals(shape, fm.triangles) @ rot.T
-    n /= np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-6)
+    n = render.vertex_normals(shape, fm.triangles) @ rot.T  # unit normals, turned into the camera frame
     shade = np.clip(shading(n, data["light"][d.light_of]), 0.05, None)
     colour = vertex_albedo(fm, data, d.texture_of) * shade[:, None]
     ras = render.rasterize(iv, fm.triangles, h, w)

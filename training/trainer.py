@@ -124,7 +124,18 @@ def train(
     else:
         torch.nn.init.zeros_(net.output_conv[0].weight)
         torch.nn.init.zeros_(net.output_conv[0].bias)
-    known = []  # sets of renders whose shape is known: (name, batcher, train, held, per batch, weight)
+    # renders whose shape is known: (name, batcher, train rows, held-out rows, per step, weight, 3D error)
+    sets = []
+
+    def add_known(name, kdata, khold, per_batch, weight, error):
+        k_train, k_held = np.flatnonzero(~khold), np.flatnonzero(khold)
+        batcher_k = Batcher(fm, kdata, size, device, "head")
+        sets.append((name, batcher_k, k_train, k_held, per_batch, weight, error))
+        log(
+            f"{len(kdata['names'])} {name} renders of known shape: "
+            f"{len(k_train)} train, {len(k_held)} held out"
+        )
+
     if views > 0:
         pick = np.random.default_rng(seed).permutation(train_idx)[:views]
         held_pick = held_idx[: max(1, views // 20)]
@@ -133,7 +144,7 @@ def train(
         )
         vdata = load_cache(cache / "views", "views_*.npz")
         vhold = np.array([is_holdout(str(n)[len("view_") :]) for n in vdata["names"]])
-        known.append(("view", vdata, vhold, views_per_batch, view_weight))
+        add_known("view", vdata, vhold, views_per_batch, view_weight, losses.shape_error_mm)
     if synthetic > 0:
         if ict is None or not Path(ict).is_dir():
             raise FG3DError("--synthetic needs --ict DIR (ICT-FaceKit's shape modes, shared/ict_facekit)")
@@ -142,24 +153,9 @@ def train(
             rec, data, train_idx, held_idx, synthetic, n_held, Path(ict), cache / "synthetic", size, log=log
         )
         sdata = load_cache(cache / "synthetic", "synth_*.npz")
-        known.append(
-            (
-                "synthetic",
-                sdata,
-                np.array([is_held(n) for n in sdata["names"]]),
-                synthetic_per_batch,
-                synthetic_weight,
-            )
-        )
         log(f"synthetic draws: {json.dumps(miss_counts(cache / 'synthetic'))}")
-    sets = []
-    for name, kdata, khold, per_batch, weight in known:
-        k_train, k_held = np.flatnonzero(~khold), np.flatnonzero(khold)
-        sets.append((name, Batcher(fm, kdata, size, device, "head"), k_train, k_held, per_batch, weight))
-        log(
-            f"{len(kdata['names'])} {name} renders of known shape: "
-            f"{len(k_train)} train, {len(k_held)} held out"
-        )
+        shold = np.array([is_held(n) for n in sdata["names"]])
+        add_known("synthetic", sdata, shold, synthetic_per_batch, synthetic_weight, losses.surface_error_mm)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     ckpt = out.with_name(out.name + ".ckpt")
     step, history = 0, []
@@ -182,11 +178,11 @@ def train(
         b = batcher.batch(rng.choice(train_idx, batch, replace=False))
         d = net(b["paf"], b["vis"], b["shape"])
         total, parts = losses(d, b)
-        for name, kb, k_train, _, per_batch, weight in sets:
+        for name, kb, k_train, _, per_batch, weight, error in sets:
             bv = kb.batch(rng.choice(k_train, min(per_batch, len(k_train)), replace=False))
             dv = net(bv["paf"], bv["vis"], bv["shape"])
             tv, _ = losses(dv, bv)
-            err = (losses.surface_error_mm if name == "synthetic" else losses.shape_error_mm)(dv, bv).mean()
+            err = error(dv, bv).mean()
             total = total + tv * (len(bv["paf"]) / batch) + weight * err
             parts[f"{name}_3d_mm"] = float(err.detach())
         opt.zero_grad(set_to_none=True)
@@ -226,12 +222,12 @@ def train(
         if eval_every and step % eval_every == 0 and step < steps:
             recalibrate_bn(net, batcher, train_idx, seed=step)
             ev = evaluate(net, batcher, losses, held_idx[:256])
-            for name, kb, _, k_held, _, _ in sets:
+            for name, kb, _, k_held, *_ in sets:
                 ev.update(evaluate_views(net, kb, losses, k_held, prefix=name))
             log("held-out: " + json.dumps(ev))
     recalibrate_bn(net, batcher, train_idx, batches=80, seed=step)
     ev = evaluate(net, batcher, losses, held_idx)
-    for name, kb, _, k_held, _, _ in sets:
+    for name, kb, _, k_held, *_ in sets:
         ev.update(evaluate_views(net, kb, losses, k_held, prefix=name))
     sha = save_weights(
         net,
