@@ -26,6 +26,7 @@ RUNNERS = {
     "expression-figure": "expression_figure",
     "scan": "scan",
     "synthetic": "synthetic",
+    "detect": "detect",
 }
 
 
@@ -115,7 +116,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sy.add_argument("--lighting-pairs", type=int, default=16, help="faces rendered under two lightings")
     sy.add_argument("--figure", metavar="PNG", help="write figure rows of held-out faces")
     sy.add_argument("--figure-rows", type=int, default=4)
-    for p in (a, s, c, h, m, r, f, ef, sc, sy):
+    dt = sub.add_parser(
+        "detect", help="the default's largest-face search against the full detection: same face, time"
+    )
+    dt.add_argument("--dir", action="append", required=True, help="a photo folder (repeatable)")
+    for p in (a, s, c, h, m, r, f, ef, sc, sy, dt):
         p.add_argument("--json", action="store_true", help="print one JSON line")
 
 

@@ -445,3 +445,11 @@ def test_reconstruct_from_a_checkout_imports_neither_torch_nor_the_checkout_comm
             text=True,
         ).stdout
     )
+
+
+def test_bench_detect_compares_the_largest_face_search_with_the_full_one(run_cli, photos_dir):
+    proc = run_cli("bench", "detect", "--dir", photos_dir / "fg3d_examples", "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["photos"] >= 17 and out["same_face"] >= 17 and out["different_face"] == 0, out
+    assert out["largest_ms_median"] > 0 and out["full_ms_median"] > 0

@@ -26,6 +26,9 @@ DETECT_MAX_SIDE = 1280
 DETECT_LARGE_SIDE = 2560
 CNN_MAX_SIDE = 640
 CNN_MIN_SIDE = 16  # dlib's CNN fails below ~8 px a side (a RuntimeError, at times heap corruption and abort)
+HOG_SKIP_LEVELS = 4  # pyramid levels the search for the largest face alone leaves out (faces < ~150 px)
+HOG_BOX = 73  # side of the frontal HOG detector's box at the pyramid level it was found on
+_PYRAMID = dlib.pyramid_down(6)  # the frontal HOG detector's own pyramid (each level 5/6 of the last)
 
 
 @dataclass
@@ -37,7 +40,7 @@ class Face:
 
     @property
     def area(self) -> float:
-        return float((self.box[2] - self.box[0]) * (self.box[3] - self.box[1]))
+        return _area(self.box)
 
 
 class Detector:
@@ -55,9 +58,10 @@ class Detector:
             self._cnn = dlib.cnn_face_detection_model_v1(str(dlib_model_path("mmod_human_face_detector.dat")))
         return self._cnn
 
-    def faces(self, image_bgr: np.ndarray, use_cnn: bool = True) -> List[Face]:
-        """All faces in the photo, largest first (empty list if none)."""
-        return detect_faces(image_bgr, self, use_cnn)
+    def faces(self, image_bgr: np.ndarray, use_cnn: bool = True, largest: bool = False) -> List[Face]:
+        """All faces in the photo, largest first (empty list if none); with ``largest`` only the largest
+        (found faster, see ``largest_hog``)."""
+        return detect_faces(image_bgr, self, use_cnn, largest)
 
 
 def _resized(img: np.ndarray, max_side: int):
@@ -68,20 +72,70 @@ def _resized(img: np.ndarray, max_side: int):
     return np.ascontiguousarray(img), s
 
 
-def detect_faces(image_bgr: np.ndarray, detector: Detector, use_cnn: bool = True) -> List[Face]:
-    """All faces in the photo, largest first (empty list if none).  ``image_io`` refuses images whose
-    aspect ratio dlib cannot handle; a dlib RuntimeError that still happens becomes an FG3DError."""
+def detect_faces(
+    image_bgr: np.ndarray, detector: Detector, use_cnn: bool = True, largest: bool = False
+) -> List[Face]:
+    """All faces in the photo, largest first (empty list if none); with ``largest`` a list of the largest
+    face alone.  ``image_io`` refuses images whose aspect ratio dlib cannot handle; a dlib RuntimeError
+    that still happens becomes an FG3DError."""
     try:
-        return _detect_faces(image_bgr, detector, use_cnn)
+        return _detect_faces(image_bgr, detector, use_cnn, largest)
     except RuntimeError as exc:
         h, w = image_bgr.shape[:2]
         reason = " ".join(str(exc).split())[:200]
         raise FG3DError(f"face detection failed on this {w}×{h} image (dlib: {reason})") from None
 
 
-def _detect_faces(image_bgr: np.ndarray, detector: Detector, use_cnn: bool) -> List[Face]:
+def largest_hog(hog, gray: np.ndarray, area=lambda r: r.area()):
+    """(box, score) of the largest face (by ``area`` of a box) that dlib's frontal HOG detector finds in
+    ``gray``, or None when this short search cannot tell (then run the detector on the whole pyramid).
+
+    The detector scans a pyramid of ``gray`` (each level 5/6 of the last) with a fixed box, so a level
+    holds the faces of one size; the largest face is on a high level.  This runs the detector on level
+    ``HOG_SKIP_LEVELS``, made with dlib's own pyramid (so its levels are the full scan's, pixel for
+    pixel), which costs about a third of the full scan, and maps each box back to the full image
+    exactly as the detector does (``rect_up`` of the box on its own level).  The answer is kept only when
+    every box maps back exactly and the largest lies at least one level above the lowest level scanned:
+    a box there could have lost to an overlapping one on the levels left out.  Measured on 1,242 real
+    photos (AFLW2000-3D, FRGC, London, the examples): where kept, the same box and score as the full
+    scan every time (``bench detect``)."""
+    level = gray
+    for _ in range(HOG_SKIP_LEVELS):
+        level = _PYRAMID(level)
+    if min(level.shape) < HOG_BOX:
+        return None
+    rects, scores, _ = hog.run(np.ascontiguousarray(level), 0, 0.0)
+    found = []
+    for r, sc in zip(rects, scores):
+        lifted = _lift(r)
+        if lifted is None:
+            return None
+        found.append((area(lifted[0]), lifted[1], lifted[0], float(sc)))
+    if not found:
+        return None
+    _, j, box, score = max(found, key=lambda f: f[0])  # the first of equals, as a stable sort keeps it
+    return (box, score) if j >= 1 else None
+
+
+def _lift(r):
+    """(the full scan's box, its level above the scanned one) for a box the detector returned on level
+    ``HOG_SKIP_LEVELS``, or None when no level maps a ``HOG_BOX`` box exactly onto it."""
+    for j in range(16):
+        tl = _PYRAMID.point_down(dlib.point(r.left(), r.top()), j)
+        br = _PYRAMID.point_down(dlib.point(r.right(), r.bottom()), j)
+        own = dlib.rectangle(round(tl.x), round(tl.y), round(br.x), round(br.y))
+        if own.width() == HOG_BOX and own.height() == HOG_BOX and _PYRAMID.rect_up(own, j) == r:
+            return _PYRAMID.rect_up(own, HOG_SKIP_LEVELS + j), j
+    return None
+
+
+def _detect_faces(image_bgr: np.ndarray, detector: Detector, use_cnn: bool, largest: bool) -> List[Face]:
     gray_full = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2GRAY)
     gray, s = _resized(gray_full, DETECT_MAX_SIDE)
+    if largest:
+        quick = largest_hog(detector.hog, gray, lambda r: _area(_box(r, s, image_bgr.shape)))
+        if quick is not None:
+            return [_face(detector, gray, s, quick[0], quick[1], "hog", image_bgr.shape)]
     rects, scores, kind = [], [], "hog"
     attempts = [(DETECT_MAX_SIDE, 0)]
     if max(gray.shape) <= 800:
@@ -112,16 +166,28 @@ def _detect_faces(image_bgr: np.ndarray, detector: Detector, use_cnn: bool) -> L
             )
             scores.append(float(d.confidence))
         kind = "cnn"
-    h, w = image_bgr.shape[:2]
-    faces = []
-    for r, sc in zip(rects, scores):
-        shape = detector.predictor(gray, r)
-        lm = np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float32) / s
-        box = np.array([r.left(), r.top(), r.right(), r.bottom()], dtype=np.float32) / s
-        box = np.clip(box, 0, [w - 1, h - 1, w - 1, h - 1]).astype(np.float32)
-        faces.append(Face(box=box, landmarks=lm, score=float(sc), detector=kind))
-    faces.sort(key=lambda f: -f.area)
-    return faces
+    found = sorted(zip(rects, scores), key=lambda f: -_area(_box(f[0], s, image_bgr.shape)))  # stable
+    return [
+        _face(detector, gray, s, r, sc, kind, image_bgr.shape) for r, sc in found[: 1 if largest else None]
+    ]
+
+
+def _face(detector: Detector, gray: np.ndarray, s: float, r, score: float, kind: str, shape) -> Face:
+    """The Face of box ``r`` found in ``gray`` (the photo scaled by ``s``), landmarks in photo pixels."""
+    parts = detector.predictor(gray, r).parts()
+    lm = np.array([[p.x, p.y] for p in parts], dtype=np.float32) / s
+    return Face(box=_box(r, s, shape), landmarks=lm, score=float(score), detector=kind)
+
+
+def _box(r, s: float, shape) -> np.ndarray:
+    """A dlib box found at scale ``s`` as (left, top, right, bottom) photo pixels, clipped to the photo."""
+    h, w = shape[:2]
+    box = np.array([r.left(), r.top(), r.right(), r.bottom()], dtype=np.float32) / s
+    return np.clip(box, 0, [w - 1, h - 1, w - 1, h - 1]).astype(np.float32)
+
+
+def _area(box: np.ndarray) -> float:
+    return float((box[2] - box[0]) * (box[3] - box[1]))
 
 
 def nearest_face(faces: List[Face], point) -> Face:

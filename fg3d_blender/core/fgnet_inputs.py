@@ -131,7 +131,6 @@ def fgnet_inputs(
     iv = fit.project(verts) * np.float32(s)  # scaling x, y and z alike keeps the z-buffer test consistent
     pos = fm.to_uv(iv, size)
     vis = visibility_map(photo.shape, iv, facing_cosines(fit, verts, fm), pos, fm, size, fit.scale * s)
-    rgb = np.ascontiguousarray(photo[:, :, ::-1])
-    paf = paf_image(rgb, pos[:, :, :2], k)
+    paf = paf_image(photo, pos[:, :, :2], k)[:, :, ::-1]  # RGB: remap reads each channel alone
     shape = shape_offset_map(verts, fm, size, shape_range)
     return FGNetInputs(paf=paf, visibility=vis, shape=shape, positions=pos, scale=s)

@@ -73,7 +73,7 @@ def make_texture(
     tolerance: float = 2.0,
     size: Optional[int] = None,
 ):
-    """UV texture (S,S,3) uint8 BGR and the photo's weight per texel (S,S) float32 in [0,1].
+    """UV texture (S,S,3) uint8 BGR and the photo's weight per texel (S,S) uint8, 255 = the photo alone.
 
     ``uv_raster`` is the face model's UV layout rasterized at ``geometry_size(S)`` (G); ``size`` is S
     (default G).  ``view_normal_z``: per-vertex cosine between the posed normal and the direction to the
@@ -108,4 +108,4 @@ def make_texture(
         )
     photo = cv2.remap(image, xy, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
     tex = rx.compose_texture(photo, weight8, np.ascontiguousarray(fill))
-    return tex, weight8.astype(np.float32) * np.float32(1.0 / 255.0)
+    return tex, weight8
