@@ -46,6 +46,10 @@ MIRROR_68 = np.array(
 REFIT_PRIOR = 1e4
 EXPRESSION_PRIOR = 1.0
 EXPRESSION_L1 = 100.0
+# At large yaw the landmark head's errors change with the pose and the expression modes absorb them (a
+# neutral face in profile got jawOpen and mouthRollUpper): the L1 weight grows with the regressed yaw,
+# × (1 + PROFILE_L1 · (|yaw| / 45°)^4): ×1.1 at 30°, ×1.5 at 45°, ×2.6 at 60°, ×4.9 at 75°.
+PROFILE_L1 = 0.5
 JAW_WEIGHT = 1.0
 FACE_RADIUS_MM = 95.0  # the face region: vertices this close to the nose tip (NoW's crop)
 EXPRESSION_STEP_MM = 0.005  # quantisation step of the shipped expression modes (int16)
@@ -387,8 +391,14 @@ class RefitPriors:
 
     identity: float = REFIT_PRIOR  # × 1/std² of each identity parameter, pulling toward the regressor's
     expression: float = EXPRESSION_PRIOR  # L2 weight of the expression weights (mm² per unit weight²)
-    sparsity: float = EXPRESSION_L1  # L1 weight of the (non-negative) expression weights
+    sparsity: float = EXPRESSION_L1  # L1 weight of the (non-negative) expression weights, frontal
+    profile: float = PROFILE_L1  # growth of that L1 weight with the yaw (``sparsity_at``)
     jaw: float = JAW_WEIGHT  # weight of the 17 jaw-line landmarks (silhouette points in profile)
+
+
+    def sparsity_at(self, yaw_degrees: float) -> float:
+        """The L1 weight of the expression at this yaw (degrees)."""
+        return self.sparsity * (1.0 + self.profile * (abs(yaw_degrees) / 45.0) ** 4)
 
 
 DEFAULT_PRIORS = RefitPriors()
@@ -421,8 +431,9 @@ def refit_to_landmarks(
 
     Alternates (1) a scaled-orthographic camera fitted to the landmarks and (2) identity and
     expression solved jointly, bounded, the identity pulled toward the regressor's estimate with
-    weight ``priors.identity`` / std², the expression toward neutral (L2 + L1, so few are used).  An
-    open mouth or a smile is so explained by expression, not by bending the identity.
+    weight ``priors.identity`` / std², the expression toward neutral (L2 + L1, so few are used; the L1
+    weight grows with the regressed yaw, ``RefitPriors.sparsity_at``).  An open mouth or a smile is so
+    explained by expression, not by bending the identity.
     """
     ex = fm.expressions
     basis = fm.keypoint_basis  # (68,3,40+K) mm
@@ -438,7 +449,7 @@ def refit_to_landmarks(
     prior[:n_id] = priors.identity / fm.param_std[12:52].astype(np.float64) ** 2
     prior[n_id:] = priors.expression
     target = x0.copy()  # the L1 term of the non-negative weights folds into the L2 target: −l1 / l2
-    target[n_id:] = -priors.sparsity / max(priors.expression, 1e-9)
+    target[n_id:] = -priors.sparsity_at(fit.pose_degrees["yaw"]) / max(priors.expression, 1e-9)
     lw = np.ones(68)
     lw[:17] = priors.jaw
     lm = landmarks.astype(np.float64)
