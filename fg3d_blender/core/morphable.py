@@ -395,7 +395,6 @@ class RefitPriors:
     profile: float = PROFILE_L1  # growth of that L1 weight with the yaw (``sparsity_at``)
     jaw: float = JAW_WEIGHT  # weight of the 17 jaw-line landmarks (silhouette points in profile)
 
-
     def sparsity_at(self, yaw_degrees: float) -> float:
         """The L1 weight of the expression at this yaw (degrees)."""
         return self.sparsity * (1.0 + self.profile * (abs(yaw_degrees) / 45.0) ** 4)
