@@ -452,4 +452,5 @@ def test_bench_detect_compares_the_largest_face_search_with_the_full_one(run_cli
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["photos"] >= 17 and out["same_face"] >= 17 and out["different_face"] == 0, out
+    assert out["decided_by_the_short_search"] >= 10, out  # the short search does run
     assert out["largest_ms_median"] > 0 and out["full_ms_median"] > 0

@@ -74,15 +74,16 @@ def photo_at_scale(image: np.ndarray, px_per_mm: float) -> Tuple[np.ndarray, flo
     return cv2.resize(image, size, interpolation=cv2.INTER_AREA), s
 
 
-def paf_image(image_rgb: np.ndarray, positions_xy: np.ndarray, k: int = PAF_K) -> np.ndarray:
-    """Photo sampled at each texel's position ± (k−1)/2 px, as k×k blocks: (k·S, k·S, C) float32."""
+def paf_image(image: np.ndarray, positions_xy: np.ndarray, k: int = PAF_K) -> np.ndarray:
+    """Photo sampled at each texel's position ± (k−1)/2 px, as k×k blocks: (k·S, k·S, C) float32, its
+    channels in the photo's order (uint8 photos scaled to [0, 1])."""
     s = positions_xy.shape[0]
     d = np.arange(k, dtype=np.float32) - (k - 1) / 2.0
     mx = (positions_xy[:, None, :, None, 0] + d[None, None, None, :]) + np.zeros((1, k, 1, 1), np.float32)
     my = (positions_xy[:, None, :, None, 1] + d[None, :, None, None]) + np.zeros((1, 1, 1, k), np.float32)
     mx = np.ascontiguousarray(mx.reshape(s * k, s * k), dtype=np.float32)
     my = np.ascontiguousarray(my.reshape(s * k, s * k), dtype=np.float32)
-    out = cv2.remap(image_rgb, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    out = cv2.remap(image, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
     return out.astype(np.float32) / 255.0 if out.dtype == np.uint8 else out.astype(np.float32)
 
 

@@ -252,7 +252,8 @@ class Reconstructor:
             image = load_image(photo)
         say("detect", 0.1)
         with _timed(t, "detect"):
-            faces = self.faces(image, largest=opts.face_index is None)  # the default needs the largest only
+            # the largest face (the default, or index 0) needs HOG's upper pyramid levels only
+            faces = self.faces(image, largest=opts.face_index in (None, 0))
             face = detect.select_face(faces, opts.face_index, name)
         say("3dmm", 0.35)
         with _timed(t, "3dmm"):
