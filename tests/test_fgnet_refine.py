@@ -76,9 +76,35 @@ def test_refine_moves_the_coarse_shape_within_bounds():
         if not faces:
             continue
         f = REC.fit(img, detect.select_face(faces, None).landmarks)
-        errs.append([landmark_error(f, v, kp) for v in (f.vertices, refiner.refine(img, f))])
+        errs.append([landmark_error(f, v, kp) for v in (f.vertices, refiner.refine(img, f, applied=False))])
     errs = np.array(errs)
     assert len(errs) >= 15 and errs[:, 1].mean() < 0.97 * errs[:, 0].mean()
+
+
+def test_the_applied_refinement_is_half_the_network_where_seen_and_none_where_hidden(photos_dir):
+    """In profile (FRGC, ~70° of yaw) half the UV map is hidden: the product keeps the 3DMM there and
+    applies REFINE_GAIN of the network's difference where the photo sees the surface."""
+    import cv2
+
+    from fg3d_blender.core import refine
+    from fg3d_blender.core.fgnet_inputs import fgnet_inputs
+
+    refiner = REC.refiner
+    img = load_image(photos_dir / "frgc_multipose" / "02463d453_72_-2.jpg")
+    fit = REC.fit(img, detect.select_face(REC.faces(img), None).landmarks)
+    raw = refiner.difference(img, fit, applied=False)
+    applied = refiner.difference(img, fit)
+    inp = fgnet_inputs(img, fit, REC.face_model, refiner.uv_size, refiner.shape_range)
+    seen = (inp.visibility > 0).astype(np.uint8)
+    kernel = np.ones((35, 35), np.uint8)  # 17 texels: beyond the blur's reach (cv2's 33-tap kernel)
+    inside = cv2.erode(seen, kernel).astype(bool)
+    hidden = ~cv2.dilate(seen, kernel).astype(bool) & REC.face_model.uv_raster(refiner.uv_size).mask
+    assert inside.mean() > 0.1 and hidden.mean() > 0.1, (inside.mean(), hidden.mean())
+    assert np.abs(raw[hidden]).mean() > 0.05  # the network does predict something there
+    assert np.abs(applied[hidden]).max() < 1e-3 * np.abs(raw).max()
+    np.testing.assert_allclose(applied[inside], refine.REFINE_GAIN * raw[inside], atol=1e-4)
+    verts = refiner.refine(img, fit)
+    assert np.array_equal(verts, (fit.vertices + REC.face_model.from_uv(applied)).astype(np.float32))
 
 
 def test_refine_removes_coarse_error_on_turned_views_of_unseen_faces(photos_dir):
@@ -91,14 +117,14 @@ def test_refine_removes_coarse_error_on_turned_views_of_unseen_faces(photos_dir)
     for p in sorted((photos_dir / "london_faces").glob("*.jpg"))[:4]:
         img = load_image(p)
         fit = REC.fit(img, detect.select_face(REC.faces(img), None).landmarks)
-        drawn = fit.project(refiner.refine(img, fit))
+        drawn = fit.project(refiner.refine(img, fit, applied=False))
         turn = novel_view.away_yaw(fit.pose_degrees["yaw"], 20.0, np.random.default_rng(0))
         moved = novel_view.turned(drawn, turn)
         view, _ = novel_view.render_view(img, drawn, moved, fm.triangles)
         face = detect.nearest_face(REC.faces(view, use_cnn=False), moved[fm.keypoints, :2].mean(0))
         fit2 = REC.fit(view, face.landmarks)
         coarse, refined = (
-            shape_error_mm(fit2, v, moved) for v in (fit2.vertices, refiner.refine(view, fit2))
+            shape_error_mm(fit2, v, moved) for v in (fit2.vertices, refiner.refine(view, fit2, applied=False))
         )
         assert 0.2 < coarse < 5.0 and refined < coarse, (p.name, coarse, refined)
         ratios.append(refined / coarse)

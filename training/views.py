@@ -43,7 +43,7 @@ def view_one(
     rng = np.random.default_rng(int(i))
     image = data["images"][i]
     fit = cached_fit(fm, data, i)
-    shape = fit.vertices if teacher is None else teacher.refine(image, fit)
+    shape = fit.vertices if teacher is None else teacher.refine(image, fit, applied=False)
     drawn = fit.project(shape)
     yaw = novel_view.away_yaw(fit.pose_degrees["yaw"], rng.uniform(*VIEW_TURN_DEG), rng)
     moved = novel_view.turned(drawn, yaw, rng.uniform(-VIEW_PITCH_DEG, VIEW_PITCH_DEG))
