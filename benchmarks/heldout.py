@@ -1,5 +1,7 @@
 """``bench heldout``: the shipped FGNet on the training split's held-out photos — photometric error,
-landmark NME (coarse vs refined) and the detail measure."""
+landmark NME (coarse vs refined) and the detail measure.  It measures the network's whole difference
+(training's evaluation), not the pipeline's applied refinement (``refine.REFINE_GAIN`` of it where
+the photo sees the surface)."""
 
 from __future__ import annotations
 

@@ -96,7 +96,8 @@ def test_the_applied_refinement_is_half_the_network_where_seen_and_none_where_hi
     applied = refiner.difference(img, fit)
     inp = fgnet_inputs(img, fit, REC.face_model, refiner.uv_size, refiner.shape_range)
     seen = (inp.visibility > 0).astype(np.uint8)
-    kernel = np.ones((35, 35), np.uint8)  # 17 texels: beyond the blur's reach (cv2's 33-tap kernel)
+    reach = int(np.ceil(4 * refine.VISIBLE_BLUR_TEXELS * refiner.uv_size / 128.0)) + 1  # cv2's kernel radius
+    kernel = np.ones((2 * reach + 1, 2 * reach + 1), np.uint8)
     inside = cv2.erode(seen, kernel).astype(bool)
     hidden = ~cv2.dilate(seen, kernel).astype(bool) & REC.face_model.uv_raster(refiner.uv_size).mask
     assert inside.mean() > 0.1 and hidden.mean() > 0.1, (inside.mean(), hidden.mean())

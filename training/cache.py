@@ -29,7 +29,8 @@ from fg3d_blender.core.pipeline import Reconstructor
 
 HOLDOUT = 0.05
 SHARD = 500
-CACHE_VERSION = 3  # 2: refitted coarse fits and the landmark head's prediction; 3: expression weights
+CACHE_VERSION = 4  # 2: refitted coarse fits and the landmark head's prediction; 3: expression weights;
+# 4: the refit's expression sparsity grows with the yaw (RefitPriors.profile)
 ALBEDO_SIGMA_FRAC = 1.0 / 32  # low-pass of the albedo estimate, fraction of the UV size
 
 
