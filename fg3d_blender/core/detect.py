@@ -86,7 +86,7 @@ def detect_faces(
         raise FG3DError(f"face detection failed on this {w}×{h} image (dlib: {reason})") from None
 
 
-def largest_hog(hog, gray: np.ndarray, area=lambda r: r.area()):
+def largest_hog(hog, gray: np.ndarray, area):
     """(box, score) of the largest face (by ``area`` of a box) that dlib's frontal HOG detector finds in
     ``gray``, or None when this short search cannot tell (then run the detector on the whole pyramid).
 
@@ -109,7 +109,7 @@ def largest_hog(hog, gray: np.ndarray, area=lambda r: r.area()):
         level = _PYRAMID(level)
     if min(level.shape) < HOG_BOX:
         return None
-    rects, scores, _ = hog.run(np.ascontiguousarray(level), 0, 0.0)
+    rects, scores, _ = hog.run(level, 0, 0.0)  # pyramid_down returns a fresh contiguous array
     found = []
     for r, sc in zip(rects, scores):
         lifted = _lift(r)
@@ -142,7 +142,8 @@ def working_gray(image_bgr: np.ndarray):
 
 
 def quick_largest(image_bgr: np.ndarray, hog, gray: np.ndarray, s: float):
-    """``largest_hog`` on the working copy, boxes ordered by their area in the photo (as ``Face.area``)."""
+    """``largest_hog`` on the working copy ``gray`` (scale ``s``), boxes ordered by their clipped area in
+    the photo, as ``Face.area`` orders faces."""
     return largest_hog(hog, gray, lambda r: _area(_box(r, s, image_bgr.shape)))
 
 
