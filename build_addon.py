@@ -12,11 +12,11 @@ extension installer accepts a manifest in a single top-level folder, and the leg
 (``preferences.addon_install``) refuses a zip with ``__init__.py`` at its root, so this is the one
 layout both accept (a manifest at the very root would need ``__init__.py`` at the root too).
 
-Inside: the Python package, the compiled ``render_ext`` for the building platform (build it first:
-``python setup.py build_ext --inplace``), ``models/`` (the asset manifest and the project's own
-weights, never the third-party model files), ``requirements-runtime.txt`` (the dependency list the
-add-on's Install Dependencies button installs) and, unless ``--no-wheels``, ``wheels/``: every package
-of that list but the ones Blender 4.2+ ships (numpy), at the pinned versions, fetched once with
+Inside: the Python package, the compiled ``render_ext`` and ``landmark_ext`` for the building platform
+(build them first: ``python setup.py build_ext --inplace``), ``models/`` (the asset manifest and the
+project's own weights, never the third-party model files), ``requirements-runtime.txt`` (the dependency
+list the add-on's Install Dependencies button installs) and, unless ``--no-wheels``, ``wheels/``: every
+package of that list but the ones Blender 4.2+ ships (numpy), at the pinned versions, fetched once with
 ``pip wheel --no-deps`` into a cache outside the source tree (``$FG3D_WHEEL_CACHE`` or
 ``~/.cache/fg3d_blender/wheels``; more pip options with ``--pip-args``).
 """
@@ -42,6 +42,7 @@ PKG = "fg3d_blender"
 RUNTIME_REQUIREMENTS = ROOT / "requirements-runtime.txt"  # the one list, shipped inside the zip too
 MANIFEST_NAME = "blender_manifest.toml"
 CODE_SUFFIXES = {".py", ".pyx"}
+COMPILED = {"render_ext": "_raster", "landmark_ext": "_ert"}  # package → its compiled module
 # models/ files of these kinds are shipped (the project's own); third-party ones are excluded by name
 MODEL_SUFFIXES = {".json", ".md", ".txt", ".pt", ".pth", ".npz", ".npy", ".safetensors", ".onnx"}
 
@@ -71,7 +72,7 @@ def package_files() -> List[Tuple[Path, str]]:
     out: List[Tuple[Path, str]] = []
     src = ROOT / PKG
     ext_suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
-    compiled = False
+    compiled = set()
     for path in sorted(src.rglob("*")):
         rel = path.relative_to(src)
         if not path.is_file() or "__pycache__" in rel.parts or any(p.startswith(".") for p in rel.parts):
@@ -80,14 +81,15 @@ def package_files() -> List[Tuple[Path, str]]:
             continue  # taken from the repository's models/ below
         if path.suffix in CODE_SUFFIXES:
             out.append((path, rel.as_posix()))
-        elif rel.parts[0] == "render_ext" and path.name.endswith(ext_suffix):
+        elif rel.parts[0] in COMPILED and path.name.endswith(ext_suffix):
             out.append((path, rel.as_posix()))
-            compiled = True
-    if not compiled:
-        raise SystemExit(
-            f"build_addon: {PKG}/render_ext/_raster{ext_suffix} is missing; build it first: "
-            f"{sys.executable} setup.py build_ext --inplace"
-        )
+            compiled.add(rel.parts[0])
+    for package, module in COMPILED.items():
+        if package not in compiled:
+            raise SystemExit(
+                f"build_addon: {PKG}/{package}/{module}{ext_suffix} is missing; build it first: "
+                f"{sys.executable} setup.py build_ext --inplace"
+            )
     models = ROOT / "models"
     third_party = third_party_names()
     for path in sorted(models.rglob("*")):

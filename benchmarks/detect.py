@@ -1,7 +1,11 @@
 """``bench detect``: the largest-face search (``detect.largest_hog``, what the default reconstruction
 runs) against the full detection, photo by photo: the same face (box, score, landmarks) or not, how
 many the short search decides (the rest fall back to the full one), and the time of each (HOG and
-landmarks, no CNN fallback; a photo the short search cannot decide pays for both searches)."""
+landmarks, no CNN fallback; a photo the short search cannot decide pays for both searches).
+
+It also checks the landmark predictor (``landmarks.LandmarkPredictor``) against dlib's own
+``shape_predictor`` on every box HOG finds in the working copy: the same 68 points or not, the time of
+each, and what each costs to load in this process."""
 
 from __future__ import annotations
 
@@ -9,11 +13,14 @@ import statistics
 import time
 from pathlib import Path
 
+import dlib
 import numpy as np
 
+from fg3d_blender.core.assets import dlib_model_path
 from fg3d_blender.core.detect import Detector, quick_largest, working_gray
 from fg3d_blender.core.errors import FG3DError
 from fg3d_blender.core.image_io import IMAGE_EXTS, load_image
+from fg3d_blender.core.landmarks import MODEL_FILE, LandmarkPredictor
 
 
 def _timed(det: Detector, img: np.ndarray, largest: bool):
@@ -22,8 +29,23 @@ def _timed(det: Detector, img: np.ndarray, largest: bool):
     return out, (time.perf_counter() - t0) * 1000.0
 
 
+def _loaded(make):
+    t0 = time.perf_counter()
+    return make(), time.perf_counter() - t0
+
+
+def _landmarks_ms(fn, gray, rect):
+    t0 = time.perf_counter()
+    pts = fn(gray, rect)
+    return pts, (time.perf_counter() - t0) * 1000.0
+
+
 def run(args) -> dict:
     det = Detector()
+    ours, ours_load = _loaded(LandmarkPredictor)
+    theirs, theirs_load = _loaded(lambda: dlib.shape_predictor(str(dlib_model_path(MODEL_FILE))))
+    dlib_points = lambda g, r: np.array([[q.x, q.y] for q in theirs(g, r).parts()], np.int64)  # noqa: E731
+    lm_equal, lm_differ, ours_ms, theirs_ms = 0, [], [], []
     paths = [p for d in args.dir for p in sorted(Path(d).rglob("*")) if p.suffix.lower() in IMAGE_EXTS]
     same, differ, no_face, short, full_ms, largest_ms = 0, [], 0, 0, [], []
     for p in paths:
@@ -35,6 +57,15 @@ def run(args) -> dict:
         alone, t_alone = _timed(det, img, True)
         gray, s, _ = working_gray(img)
         short += quick_largest(img, det.hog, gray, s) is not None
+        for rect in det.hog(gray, 0):
+            a, t_a = _landmarks_ms(ours, gray, rect)
+            b, t_b = _landmarks_ms(dlib_points, gray, rect)
+            ours_ms.append(t_a)
+            theirs_ms.append(t_b)
+            if np.array_equal(a, b):
+                lm_equal += 1
+            else:
+                lm_differ.append(str(p))
         full_ms.append(t_full)
         largest_ms.append(t_alone)
         if not full and not alone:
@@ -60,4 +91,12 @@ def run(args) -> dict:
         "full_ms_median": round(statistics.median(full_ms), 2),
         "largest_ms_median": round(statistics.median(largest_ms), 2),
         "differing": differ[:20],
+        "landmark_faces": lm_equal + len(lm_differ),
+        "landmarks_equal_to_dlib": lm_equal,
+        "landmarks_different": len(lm_differ),
+        "landmarks_ms_median": round(statistics.median(ours_ms), 3) if ours_ms else None,
+        "dlib_landmarks_ms_median": round(statistics.median(theirs_ms), 3) if theirs_ms else None,
+        "predictor_load_s": round(ours_load, 3),
+        "dlib_predictor_load_s": round(theirs_load, 3),
+        "landmarks_differing": lm_differ[:20],
     }

@@ -101,8 +101,9 @@ def runtime_modules() -> list:
 
 def cold_start(photo: str, refine: bool, texture_size: int, threads: int, runs: int) -> dict:
     """A fresh process reconstructing ``photo`` against the import floor (a fresh process importing
-    the runtime set) and the floor plus the dlib detector and landmark predictor (``Detector()``: dlib
-    reading its two model files, ~1.2 s no import avoids); the three take turns, so load hits all alike."""
+    the runtime set) and the floor plus the dlib detector and landmark predictor (``Detector()``: ~1.2 s
+    when dlib read its two model files, a few ms since both come from the cache); the three take turns,
+    so load hits all alike."""
     floor = f"import importlib\nfor m in {runtime_modules()!r}: importlib.import_module(m)"
     models = floor + "\nfrom fg3d_blender.core.detect import Detector\nDetector()"
     cold = (

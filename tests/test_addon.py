@@ -57,8 +57,9 @@ DATA_KINDS = (
 # (newest patch releases on PyPI) and the 5.0 of requirements.txt.  Each runs in a venv of its own that
 # holds bpy and what bpy pulls, nothing else: what Blender's own Python has.  numpy is pinned to 1.26.4,
 # the numpy Blender 4.2-5.0 ship (bpy 4.5 and 5.0 require numpy<2, bpy 4.2 asks for any numpy).  All
-# three are Python 3.11 builds, like .venv, so the compiled renderer built there
-# (render_ext/_raster.cpython-311-*.so) is the one every zip holds: one build serves them all.
+# three are Python 3.11 builds, like .venv, so the compiled modules built there
+# (render_ext/_raster and landmark_ext/_ert .cpython-311-*.so) are the ones every zip holds: one build
+# serves them all.
 BPY_VERSIONS = ("4.2.23", "4.5.15", importlib.metadata.version("bpy"))
 BPY_VENVS = ROOT / ".venv-bpy"  # gitignored; each venv is made on first use and kept (~20 s, 1 GB each)
 
@@ -253,7 +254,8 @@ def test_zip_layout_extension_and_legacy(fg3d_addon_zip):
         init = z.read("fg3d_blender/__init__.py").decode()
     assert {n.split("/")[0] for n in names} == {"fg3d_blender"}  # legacy install needs one folder
     assert "fg3d_blender/models/assets.json" in names
-    assert any(n.startswith("fg3d_blender/render_ext/_raster") and n.endswith(("so", "pyd")) for n in names)
+    for compiled in ("render_ext/_raster", "landmark_ext/_ert"):
+        assert any(n.startswith(f"fg3d_blender/{compiled}") and n.endswith(("so", "pyd")) for n in names)
     assert "fg3d_blender/operators/ops.py" in names and "fg3d_blender/core/pipeline.py" in names
     third_party = {a["path"] for a in json.loads((ROOT / "models" / "assets.json").read_text())["assets"]}
     leaked = {

@@ -8,8 +8,10 @@ pipeline loads them for and their ``meta``data), verified the same way by ``bund
 by ``$FG3D_ASSET_MIRROR`` (same relative layout), checking every sha256.  ``asset_path`` returns a
 verified path or raises one clear line.  Pickles are read once with a restricted unpickler that admits
 only dicts and numpy arrays and are cached as ``.npz``; nothing foreign is ever unpickled freely.
-Arrays computed from the assets (``load_derived``) are cached with a sha256 beside them: a damaged or
-tampered file is rebuilt, and a read-only cache only means they are recomputed in memory.
+Arrays computed from the assets (``load_derived``) and other derived files (``derived_file``) are cached
+with a sha256 beside them: a damaged or tampered file is rebuilt, and a read-only cache only means they
+are recomputed in memory.  Large arrays read in part (``load_mapped``: dlib's landmark trees) are
+memory-mapped and checked by their headers and by the caller instead.
 """
 
 from __future__ import annotations
@@ -331,6 +333,67 @@ def load_derived(name: str, build: Callable[[], Dict[str, np.ndarray]]) -> Dict[
             tmp.write_bytes(buf.getbuffer())
         with atomic_file(digest_file) as tmp:
             tmp.write_text(hashlib.sha256(buf.getbuffer()).hexdigest() + "\n", encoding="ascii")
+    except (OSError, FG3DError):
+        pass
+    return arrays
+
+
+def derived_file(name: str, write: Callable[[Path], None]) -> Optional[Path]:
+    """``derived/<name>``, made by ``write(tmp)`` when it is missing or does not match the sha256 kept
+    beside it; None when the cache cannot be written (the caller then makes the thing in memory)."""
+    path = derived_path(name)
+    digest_file = path.with_name(path.name + ".sha256")
+    try:
+        if path.is_file() and digest_file.read_text(encoding="ascii").strip() == sha256_of(path):
+            return path
+    except (OSError, ValueError):
+        pass
+    try:
+        remove_stale(path.parent)
+        with atomic_file(path) as tmp:
+            write(tmp)
+            digest = sha256_of(tmp)
+        with atomic_file(digest_file) as tmp:
+            tmp.write_text(digest + "\n", encoding="ascii")
+    except (OSError, FG3DError):
+        return None
+    return path
+
+
+def load_mapped(
+    stem: str,
+    version: str,
+    keys: Iterable[str],
+    build: Callable[[], Dict[str, np.ndarray]],
+    valid: Callable[[Dict[str, np.ndarray]], bool],
+) -> Dict[str, np.ndarray]:
+    """Large derived arrays that are read in part, each ``derived/<stem>.<version>.<key>.npy``,
+    memory-mapped read-only: pages are read when used, and no sha256 is taken (for the 65 MB of dlib's
+    landmark trees it would cost ~90 ms of every start, and a face reads about a third of them).
+    numpy checks each file's header and size; ``valid`` checks what the caller's code relies on
+    (shapes, index ranges).  Files of other versions are deleted when a new one is written.  Missing,
+    unreadable or invalid files are built again; when the cache cannot be written the arrays are
+    returned in memory, and built again next time."""
+    import numpy as np  # see the note at the imports
+
+    keys = list(keys)
+    base = derived_path(f"{stem}.{version}")
+    paths = {k: base.with_name(f"{base.name}.{k}.npy") for k in keys}
+    try:
+        arrays = {k: np.load(p, mmap_mode="r", allow_pickle=False) for k, p in paths.items()}
+        if valid(arrays):
+            return arrays
+    except (OSError, ValueError, EOFError):
+        pass
+    arrays = build()
+    try:
+        remove_stale(base.parent)
+        for old in base.parent.glob(f"{stem}.*.npy"):
+            if old not in paths.values():
+                old.unlink()
+        for k, p in paths.items():
+            with atomic_file(p) as tmp, open(tmp, "wb") as f:
+                np.save(f, np.ascontiguousarray(arrays[k]), allow_pickle=False)
     except (OSError, FG3DError):
         pass
     return arrays
