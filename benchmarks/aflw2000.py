@@ -80,7 +80,7 @@ def run(args) -> dict:
         if args.crop == "gt":
             start = gt
         else:
-            faces = rec.faces(image)
+            faces = rec.faces(image, largest=args.face == "largest")
             if faces:
                 found += 1
                 start = detect.nearest_face(faces, gt.mean(0)).landmarks
@@ -103,6 +103,7 @@ def run(args) -> dict:
         {
             "n": n,
             "crop": args.crop,
+            "face": args.face if args.crop == "detect" else None,
             "refine": not args.no_refine,
             "refit": not args.no_refit,
             "passes": args.passes or (1 if args.crop == "gt" else DEFAULT_PASSES),

@@ -44,6 +44,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="regressor passes (default: 1 for --crop gt, the published protocol; else the pipeline's)",
     )
     a.add_argument("--no-refit", action="store_true", help="skip the landmark refit of the 3DMM")
+    a.add_argument(
+        "--face",
+        choices=["nearest", "largest"],
+        default="nearest",
+        help="with --crop detect: the detected face nearest the labels (the protocol), or the largest "
+        "alone, as the product's default finds it",
+    )
     s = sub.add_parser("speed", help="warm per-stage medians and cold start for one photo")
     s.add_argument("photo")
     s.add_argument("--repeat", type=int, default=20)

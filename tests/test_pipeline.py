@@ -92,6 +92,26 @@ def test_hog_misses_the_profile_but_the_cnn_fallback_finds_it(multipose):
     assert REC.faces(load_image(multipose / "02463d453_-1_-2.jpg"))[0].detector == "hog"
 
 
+def test_the_largest_profile_face_is_found_on_a_small_copy_first_and_a_small_one_still_found(multipose):
+    """HOG misses this profile.  For the largest face alone the CNN runs first on a copy at most
+    ``CNN_QUICK_SIDE`` wide (2.6× fewer pixels here); a face too small for that copy is found by the
+    full-size pass after it."""
+    img = cv2.resize(load_image(multipose / "02463d453_85_14.jpg"), (512, 512), interpolation=cv2.INTER_CUBIC)
+    alone, every = REC.faces(img, largest=True), REC.faces(img)
+    assert len(alone) == 1 and alone[0].detector == "cnn" and every[0].detector == "cnn"
+    a, b = alone[0].box, every[0].box  # the same face, the box of a coarser pyramid (so not equal)
+    assert not np.array_equal(a, b)
+    inter = max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    assert inter / (alone[0].area + every[0].area - inter) > 0.6
+    canvas = np.full((2048, 2048, 3), 128, np.uint8)  # the face shrinks to a sixth of the photo's side
+    canvas[512:1024, 512:1024] = img
+    assert detect._cnn_faces(REC.detector, canvas[:, :, ::-1].copy(), detect.CNN_QUICK_SIDE, False)[0] == []
+    small = REC.faces(canvas, largest=True)
+    assert len(small) == 1 and small[0].detector == "cnn"
+    x0, y0, x1, y1 = small[0].box
+    assert 512 <= x0 < x1 <= 1024 and 512 <= y0 < y1 <= 1024
+
+
 def test_no_face_in_a_real_photo_without_a_face(photos_dir):
     img = load_image(photos_dir / "london_faces" / "001_03_neutral.jpg")[620:, :]  # neck and shirt only
     assert REC.faces(img) == []
