@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 
 from fg3d_blender.core.pipeline import default_reconstructor  # noqa: E402
+from fg3d_blender.core.refine import REFINE_GAIN  # noqa: E402
 
 pytestmark = pytest.mark.slow  # integration tier: bpy and the Blender binary
 
@@ -410,7 +411,7 @@ def test_shape_keys_neutral_blendshapes_and_fgnet(fg3d_bpy, fg3d_face, fg3d_expe
     )  # Basis is the neutral identity
     fgnet = keys.key_blocks["FGNet"]
     assert fgnet.relative_key.name == "Basis" and fgnet.value == 1.0
-    assert (fgnet.slider_min, fgnet.slider_max) == (0.0, 1.0)
+    assert (fgnet.slider_min, fgnet.slider_max) == (0.0, 1.0 / REFINE_GAIN)  # the network's whole difference
     delta = _co(fgnet.data, N_VERTS) - basis
     want = _to_blender(expected.vertices) - _to_blender(expected.vertices_coarse)
     assert np.allclose(delta, want, atol=1e-5)  # the slider dials exactly the refinement

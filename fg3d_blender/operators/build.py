@@ -31,6 +31,9 @@ PROP_YAW, PROP_PITCH, PROP_ROLL = "fg3d_yaw", "fg3d_pitch", "fg3d_roll"
 PROP_REFINED = "fg3d_refined"
 PROP_DEPTH, PROP_PNCC, PROP_PHOTO = "fg3d_depth", "fg3d_pncc", "fg3d_photo"
 KEY_BASIS, KEY_FGNET = "Basis", "FGNet"
+# 1 / core.refine.REFINE_GAIN (a test checks they agree; core.refine is not imported here: it loads
+# onnxruntime): the FGNet key at its top gives the network's whole difference where the photo sees it
+FGNET_SLIDER_MAX = 2.0
 
 
 @dataclass
@@ -193,7 +196,9 @@ def _restore(created: list) -> None:
 def _add_shape_keys(ob, result, neutral, coarse, refined, centre) -> None:
     """``Basis`` = the neutral identity; one key per expression blendshape (ARKit names, values the
     fitted weights, so any ARKit capture can drive them); ``FGNet`` on top = the refinement's
-    difference.  All keys together reproduce the reconstructed mesh."""
+    difference.  All keys together reproduce the reconstructed mesh.  The pipeline applies
+    ``REFINE_GAIN`` (a half) of the network's difference, so FGNet's slider goes to 1 / gain: at its top
+    it gives the network's whole difference where the photo sees the surface."""
     basis = ob.shape_key_add(name=KEY_BASIS, from_mix=False)
     basis.interpolation = "KEY_LINEAR"
     shapes = result.blendshapes
@@ -205,7 +210,7 @@ def _add_shape_keys(ob, result, neutral, coarse, refined, centre) -> None:
             key.value = float(result.expression.get(name, 0.0))
     key = ob.shape_key_add(name=KEY_FGNET, from_mix=False)
     key.data.foreach_set("co", to_blender(neutral + (refined - coarse), centre).ravel())
-    key.slider_min, key.slider_max, key.value = 0.0, 1.0, 1.0
+    key.slider_min, key.slider_max, key.value = 0.0, FGNET_SLIDER_MAX, 1.0
 
 
 def _free_spot(scene, start: Vector, verts_m: np.ndarray) -> Vector:
