@@ -114,3 +114,17 @@ def test_a_file_that_is_not_a_shape_predictor_is_refused():
     ):
         with pytest.raises(ValueError, match=needle):
             read_shape_predictor(bad)
+
+
+def test_a_read_only_cache_still_gives_dlibs_points_and_detector(
+    unwritable_dir, monkeypatch, grey_photos, dlib_predictor
+):
+    """Nothing can be cached: the arrays are read into memory each time, and dlib's built-in detector
+    is used; the points and the boxes are the same."""
+    monkeypatch.setenv(assets.CACHE_ENV, str(unwritable_dir))
+    pred, hog = landmarks.LandmarkPredictor(), detect.frontal_detector()
+    assert not isinstance(pred.arrays["leaves"], np.memmap) and not any(unwritable_dir.iterdir())
+    name, gray = grey_photos[1]
+    rects = hog(gray, 0)
+    assert list(rects) == list(dlib.get_frontal_face_detector()(gray, 0)) and len(rects)
+    np.testing.assert_array_equal(pred(gray, rects[0]), _dlib_points(dlib_predictor, gray, rects[0]))

@@ -23,7 +23,6 @@ import json
 import os
 import pickle
 import shutil
-import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Optional
 
@@ -194,6 +193,8 @@ def _install_one(entry: dict, progress: Optional[Callable[[str], None]]) -> Path
 
 
 def _download(entry: dict, tmp: Path) -> None:
+    import urllib.request  # only when a file is downloaded: ~20 ms of every start otherwise
+
     try:
         with urllib.request.urlopen(entry["url"], timeout=60) as r, open(tmp, "wb") as f:
             shutil.copyfileobj(r, f)
