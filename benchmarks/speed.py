@@ -158,6 +158,24 @@ def batch(folder: str, n: int, threads: int) -> dict:
     }
 
 
+def _remap_floor(image: np.ndarray, size: int):
+    """A timer of the texture stage's floor: one ``cv2.remap`` of a size² float map (bilinear) from the
+    photo, as the texture's sampling of the photo is at least that; returns ms per call."""
+    import cv2
+
+    h, w = image.shape[:2]
+    u, v = np.meshgrid(
+        np.linspace(0, w - 1, size, dtype=np.float32), np.linspace(0, h - 1, size, dtype=np.float32)
+    )
+
+    def once() -> float:
+        t0 = time.perf_counter()
+        cv2.remap(image, u, v, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+        return (time.perf_counter() - t0) * 1000.0
+
+    return once
+
+
 def writing(result, repeat: int) -> dict:
     """Median ms of writing the default outputs of one photo (atomic, into a fresh folder each time)."""
     times = []
@@ -176,13 +194,20 @@ def run(args) -> dict:
     rec = Reconstructor(threads=args.threads, backend=args.backend)
     opts = Options(refine=not args.no_refine, texture_size=args.texture_size)
     first = rec.reconstruct(args.photo, opts)
-    runs = [rec.reconstruct(args.photo, opts).timings for _ in range(args.repeat)]
+    remap = _remap_floor(image, args.texture_size)
+    runs, floor = [], []
+    for _ in range(args.repeat):  # each reconstruction, then the texture's floor: the same load on both
+        runs.append(rec.reconstruct(args.photo, opts).timings)
+        floor.append(remap())
     stages = {k: round(statistics.median(r[k] for r in runs), 1) for k in runs[0]}
+    floor_ms = round(statistics.median(floor), 2)
     out = {
         "photo": args.photo,
         "size": list(image.shape[:2]),
         "warm_ms": stages,
         "warm_total_ms": stages["total"],
+        "texture_remap_floor_ms": floor_ms,
+        "texture_over_floor": round(stages["texture"] / floor_ms, 2),
         **writing(first, args.repeat),
         "repeat": args.repeat,
         "refine": not args.no_refine,
