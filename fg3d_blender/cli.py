@@ -252,6 +252,12 @@ def cmd_demo(args) -> int:
 
 def cmd_fetch_assets(args) -> int:
     n = fetch_assets(include_optional=args.optional, progress=lambda m: print(m, file=sys.stderr))
+    try:  # dlib's detector and landmark arrays into the cache now, so the first photo need not (~1.4 s)
+        from .core.detect import Detector
+
+        Detector()
+    except (ImportError, FG3DError) as exc:  # the assets are ready all the same
+        print(f"note: dlib's detector and landmark model not prepared yet ({exc})", file=sys.stderr)
     print(f"assets ready in {cache_dir()} ({n} fetched now)")
     return 0
 

@@ -190,6 +190,9 @@ def test_outputs_and_cache_files_get_the_umask_mode(tmp_path, photo, cli_env, sh
     env = {"FG3D_CACHE_DIR": str(cache), "FG3D_ASSET_MIRROR": str(shared_dir / "models")}
     proc = _run(cli_env, "fetch-assets", umask=0o002, env=env)
     assert proc.returncode == 0, proc.stderr
+    # fetch-assets also prepares dlib's detector and landmark arrays, so the first photo need not
+    assert len(list(cache.glob("derived/shape_predictor_68_face_landmarks.*.npy"))) == 6
+    assert len(list(cache.glob("derived/frontal_face_detector.*.svm"))) == 1
     modes = {stat.S_IMODE(p.stat().st_mode) for p in cache.rglob("*") if p.is_file()}
     assert modes == {0o664}, modes
     proc = _run(cli_env, "reconstruct", photo, "-o", out, "--format", "obj,npz", umask=0o022)
