@@ -10,7 +10,8 @@ def _extension(name: str) -> Extension:
         name,
         [name.replace(".", "/") + ".pyx"],
         include_dirs=[numpy.get_include()],
-        extra_compile_args=["-O3"],  # no -ffast-math: the landmark predictor repeats dlib's float steps
+        # no -ffast-math, no fused multiply-adds: the landmark predictor repeats dlib's float steps
+        extra_compile_args=["-O3", "-ffp-contract=off"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     )
 

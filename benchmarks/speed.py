@@ -13,6 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from fg3d_blender.core import detect
@@ -161,7 +162,6 @@ def batch(folder: str, n: int, threads: int) -> dict:
 def _remap_floor(image: np.ndarray, size: int):
     """A timer of the texture stage's floor: one ``cv2.remap`` of a size² float map (bilinear) from the
     photo, as the texture's sampling of the photo is at least that; returns ms per call."""
-    import cv2
 
     h, w = image.shape[:2]
     u, v = np.meshgrid(

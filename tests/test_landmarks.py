@@ -10,7 +10,7 @@ cv2 = pytest.importorskip("cv2")
 dlib = pytest.importorskip("dlib")
 
 from fg3d_blender.core import assets, detect, landmarks  # noqa: E402
-from fg3d_blender.landmark_ext import read_shape_predictor  # noqa: E402
+from fg3d_blender.landmark_ext import predict, read_shape_predictor  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +64,11 @@ def test_the_same_points_for_boxes_off_the_photo_tiny_and_huge(grey_photos, dlib
 
 
 def test_the_saved_hog_detector_finds_what_dlibs_built_in_one_finds(grey_photos):
-    saved, built_in = detect.frontal_detector(), dlib.get_frontal_face_detector()
-    assert assets.derived_path(f"frontal_face_detector.dlib-{dlib.__version__}.svm").is_file()
+    detect.frontal_detector()  # saves it into the cache (frontal_detector falls back quietly: load it here)
+    saved = dlib.fhog_object_detector(
+        str(assets.derived_path(f"frontal_face_detector.dlib-{dlib.__version__}.svm"))
+    )
+    built_in = dlib.get_frontal_face_detector()
     for name, gray in grey_photos:
         for upsample in (0, 1) if max(gray.shape) <= 500 else (0,):
             a, b = saved.run(gray, upsample, 0.0), built_in.run(gray, upsample, 0.0)
@@ -85,6 +88,7 @@ def test_the_arrays_are_memory_mapped_from_the_cache_and_rebuilt_when_damaged(
     rect = dlib.get_frontal_face_detector()(gray, 0)[0]
     want = _dlib_points(dlib_predictor, gray, rect)
     np.testing.assert_array_equal(first(gray, rect), want)
+    np.testing.assert_array_equal(again(gray, rect), want)  # from the mapped files
 
     del again  # (a mapped file must not shrink under its map)
     leaves = next(f for f in files if f.name.endswith(".leaves.npy"))
@@ -128,3 +132,30 @@ def test_a_read_only_cache_still_gives_dlibs_points_and_detector(
     rects = hog(gray, 0)
     assert list(rects) == list(dlib.get_frontal_face_detector()(gray, 0)) and len(rects)
     np.testing.assert_array_equal(pred(gray, rects[0]), _dlib_points(dlib_predictor, gray, rects[0]))
+
+
+def test_damaged_arrays_are_refused_and_a_failing_writer_falls_back(tmp_path, monkeypatch, ours, grey_photos):
+    """What the compiled predictor relies on is checked: shapes, layout, dimensions, and it refuses
+    arrays that do not fit together instead of reading past them; a cache file that cannot be written
+    (dlib raising) leaves dlib's built-in detector."""
+    a = dict(ours.arrays)
+    assert landmarks._valid(a)
+    for key, bad in (
+        ("anchors", np.ascontiguousarray(a["anchors"]).ravel()),  # 1-D
+        ("leaves", np.asfortranarray(a["leaves"])),  # not C order
+        ("initial", np.float32(0.0)),  # 0-d
+        ("splits", np.asarray(a["splits"]).astype(np.int64)),  # another type
+    ):
+        assert not landmarks._valid(dict(a, **{key: bad})), key
+    name, gray = grey_photos[0]
+    args = [ours.arrays[k] for k in landmarks.KEYS]
+    args[3] = np.ascontiguousarray(args[3][:, :10])  # fewer trees' leaves than splits
+    with pytest.raises(ValueError, match="do not fit together"):
+        predict(gray, 10, 10, 100, 100, *args)
+
+    monkeypatch.setenv(assets.CACHE_ENV, str(tmp_path))
+
+    def failing(tmp):
+        raise RuntimeError("Error serializing object")  # what dlib raises on a full disk
+
+    assert assets.derived_file("x.svm", failing) is None and not (tmp_path / "derived" / "x.svm").exists()

@@ -341,7 +341,8 @@ def load_derived(name: str, build: Callable[[], Dict[str, np.ndarray]]) -> Dict[
 
 def derived_file(name: str, write: Callable[[Path], None]) -> Optional[Path]:
     """``derived/<name>``, made by ``write(tmp)`` when it is missing or does not match the sha256 kept
-    beside it; None when the cache cannot be written (the caller then makes the thing in memory)."""
+    beside it; None when it cannot be written (a read-only or full cache, or ``write`` failing: the
+    caller then makes the thing in memory)."""
     path = derived_path(name)
     digest_file = path.with_name(path.name + ".sha256")
     try:
@@ -356,7 +357,7 @@ def derived_file(name: str, write: Callable[[Path], None]) -> Optional[Path]:
             digest = sha256_of(tmp)
         with atomic_file(digest_file) as tmp:
             tmp.write_text(digest + "\n", encoding="ascii")
-    except (OSError, FG3DError):
+    except Exception:  # noqa: BLE001 - any writer's failure (dlib raises RuntimeError on a full disk)
         return None
     return path
 
@@ -389,14 +390,17 @@ def load_mapped(
     arrays = build()
     try:
         remove_stale(base.parent)
-        for old in base.parent.glob(f"{stem}.*.npy"):
-            if old not in paths.values():
-                old.unlink()
         for k, p in paths.items():
             with atomic_file(p) as tmp, open(tmp, "wb") as f:
                 np.save(f, np.ascontiguousarray(arrays[k]), allow_pickle=False)
     except (OSError, FG3DError):
-        pass
+        return arrays
+    for old in base.parent.glob(f"{stem}.*.npy"):  # after the new ones are complete
+        if old not in paths.values():
+            try:
+                old.unlink()
+            except OSError:  # e.g. mapped by another process on Windows: next time
+                pass
     return arrays
 
 

@@ -65,7 +65,7 @@ def frontal_detector():
     if path is not None:
         try:
             return dlib.fhog_object_detector(str(path))
-        except RuntimeError:  # unreadable after all: dlib's own copy
+        except Exception:  # noqa: BLE001 - unreadable after all (dlib raises RuntimeError): dlib's own copy
             pass
     return dlib.get_frontal_face_detector()
 

@@ -3,8 +3,11 @@
 dlib's own serialized file and run as dlib's ``shape_predictor`` runs it.
 
 dlib spends ~0.9 s of every process reading that 100 MB file (each float is two variable-length
-integers); ``read_shape_predictor`` reads it once into plain arrays (~0.2 s), which the caller caches, and
-``predict`` then gives dlib's landmarks from them.
+integers); ``read_shape_predictor`` reads it once into plain arrays (~0.7 s), which the caller caches, and
+``predict`` then gives dlib's landmarks from them.  The same points as dlib's on every real face measured;
+dlib maps the box through a least-squares affine fit (``find_affine_transform``) where this uses
+w·x + left exactly, so a point that lands on a half-pixel tie to the last bit can round the other way
+(seen only with crafted models).
 
 The file (dlib's ``serialize``): an integer is one byte ``n | sign`` (n = 1..8 bytes follow, sign 0x80)
 and n bytes little-endian; a float is two integers, mantissa and exponent (value = mantissa·2^exponent);
@@ -16,7 +19,7 @@ feature pixel per cascade, and the pixel's offset from it.
 
 import numpy as np
 
-from libc.math cimport floor, ldexp
+from libc.math cimport floor, isfinite, ldexp
 
 cdef enum:
     FLOAT_SPECIAL = 32000  # dlib's exponent codes for inf, -inf and nan start here
@@ -43,6 +46,8 @@ cdef long long read_int(Stream* s) except? -1:
     for i in range(n):
         v |= (<unsigned long long>s.data[s.pos + 1 + i]) << (8 * i)
     s.pos += 1 + n
+    if v > 0x7FFFFFFFFFFFFFFF:
+        raise ValueError(f"an integer out of range before byte {s.pos}")
     if head & 0x80:
         return -<long long>v
     return <long long>v
@@ -55,12 +60,23 @@ cdef long long read_count(Stream* s, long long limit, str what) except -1:
     return v
 
 
+cdef int check_room(Stream* s, double items, double min_bytes, str what) except -1:
+    """The rest of the file can hold ``items`` of at least ``min_bytes`` each (before allocating; in
+    double, so no count can overflow)."""
+    if items * min_bytes > <double>(s.size - s.pos):
+        raise ValueError(f"the file ends early ({what})")
+    return 0
+
+
 cdef float read_float(Stream* s) except? -1:
     cdef long long mantissa = read_int(s)
     cdef long long exponent = read_int(s)
     if exponent >= FLOAT_SPECIAL or exponent < -32768:
         raise ValueError("a non-finite number in the model")
-    return <float>ldexp(<double>mantissa, <int>exponent)
+    cdef float value = <float>ldexp(<double>mantissa, <int>exponent)
+    if not isfinite(value):
+        raise ValueError("a number out of range in the model")
+    return value
 
 
 cdef long long read_vector_length(Stream* s, long long expected, str what) except -1:
@@ -89,6 +105,7 @@ def read_shape_predictor(const unsigned char[::1] data):
     cdef long long n2 = read_vector_length(&s, -1, "initial shape")
     if n2 < 2 or n2 % 2:
         raise ValueError("the initial shape has an odd length")
+    check_room(&s, n2, 4, "initial shape")
     initial_arr = np.empty(n2, np.float32)
     cdef float[::1] initial = initial_arr
     cdef long long k
@@ -111,6 +128,7 @@ def read_shape_predictor(const unsigned char[::1] data):
             k = read_count(&s, 1 << 16, "splits")
             if n_splits < 0:
                 n_splits = k
+                check_room(&s, <double>n_casc * n_trees * (n_splits + 1), 4.0 * n2, "leaves")
                 splits_arr = np.empty((n_casc, n_trees, n_splits, 2), np.int32)
                 thresholds_arr = np.empty((n_casc, n_trees, n_splits), np.float32)
                 leaves_arr = np.empty((n_casc, n_trees, n_splits + 1, n2), np.float32)
@@ -138,6 +156,7 @@ def read_shape_predictor(const unsigned char[::1] data):
         k = read_count(&s, 1 << 20, "feature pixels")
         if n_feat < 0:
             n_feat = k
+            check_room(&s, <double>n_casc * n_feat, 2.0, "anchors")
             anchors_arr = np.empty((n_casc, n_feat), np.int32)
             anchors = anchors_arr
         elif k != n_feat:
@@ -186,7 +205,9 @@ def predict(
     const float[:, :, ::1] deltas,
 ):
     """(P, 2) int64 landmarks (x, y) in ``gray``'s pixels for the box (left, top, right, bottom), as
-    dlib's ``shape_predictor(gray, rectangle(left, top, right, bottom))`` gives them.
+    dlib's ``shape_predictor(gray, rectangle(left, top, right, bottom))`` gives them.  The arrays are
+    ``read_shape_predictor``'s; their shapes are checked here, the indices they hold (features, anchors)
+    are the caller's to check once (``core.landmarks`` does).
 
     Per cascade: the similarity from the initial to the current shape (Umeyama's, in double; its linear
     part in float), each feature pixel at its anchor point plus that map of its offset (float), mapped
@@ -196,9 +217,13 @@ def predict(
     cdef Py_ssize_t n_feat = anchors.shape[1]
     cdef long height = gray.shape[0], width = gray.shape[1]
     if (
-        thresholds.shape[0] != n_casc or leaves.shape[0] != n_casc or anchors.shape[0] != n_casc
-        or deltas.shape[0] != n_casc or deltas.shape[1] != n_feat or leaves.shape[3] != n2
-        or leaves.shape[2] != n_splits + 1 or thresholds.shape[2] != n_splits
+        n2 < 2 or n2 % 2 or splits.shape[3] != 2
+        or thresholds.shape[0] != n_casc or thresholds.shape[1] != n_trees
+        or thresholds.shape[2] != n_splits
+        or leaves.shape[0] != n_casc or leaves.shape[1] != n_trees
+        or leaves.shape[2] != n_splits + 1 or leaves.shape[3] != n2
+        or anchors.shape[0] != n_casc
+        or deltas.shape[0] != n_casc or deltas.shape[1] != n_feat or deltas.shape[2] != 2
     ):
         raise ValueError("the predictor's arrays do not fit together")
     shape_arr = np.array(initial, np.float32)
