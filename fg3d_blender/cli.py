@@ -252,12 +252,12 @@ def cmd_demo(args) -> int:
 
 def cmd_fetch_assets(args) -> int:
     n = fetch_assets(include_optional=args.optional, progress=lambda m: print(m, file=sys.stderr))
-    try:  # dlib's detector and landmark arrays into the cache now, so the first photo need not (~1.4 s)
-        from .core.detect import Detector  # dlib: only for this command (reconstruct imports it anyway)
+    try:  # every derived file now (dlib's arrays, the dense basis: ~10 s once), so the first photo need not
+        from .core.pipeline import Reconstructor  # the models: only for this command and reconstruct
 
-        Detector()
+        Reconstructor().load_models()
     except Exception as exc:  # noqa: BLE001 - the assets are ready all the same; the run will say more
-        print(f"note: dlib's detector and landmark model not prepared yet ({exc})", file=sys.stderr)
+        print(f"note: the models are not prepared yet ({exc})", file=sys.stderr)
     print(f"assets ready in {cache_dir()} ({n} fetched now)")
     return 0
 

@@ -678,6 +678,10 @@ def test_preferences_folders_drive_fetch_assets(fg3d_bpy, tmp_path):
             got.is_file()
             and got.stat().st_size == (SHARED / "models" / "beyond3dmm" / "Model_PAF.pkl").stat().st_size
         )
+        # and dlib's detector and landmark arrays are prepared, so the first Reconstruct need not
+        assert (
+            len(list((tmp_path / "cache" / "derived").glob("shape_predictor_68_face_landmarks.*.npy"))) == 6
+        )
         prefs.mirror_dir = str(tmp_path / "empty-mirror")
         (tmp_path / "empty-mirror").mkdir()
         prefs.cache_dir = str(tmp_path / "cache2")

@@ -287,9 +287,12 @@ class FG3D_OT_reconstruct(_ModalJob, bpy.types.Operator):
         return {"FINISHED"}
 
 
-def _fetch(settings: Settings, progress=None, cancelled=None):
+def _fetch(settings: Settings, progress=None, cancelled=None, prepare: bool = False):
+    """Fetch the assets; with ``prepare`` (the pipeline imported on the main thread first) also load
+    the models once, which makes every derived file (dlib's arrays, the dense basis: ~10 s in a fresh
+    cache) and keeps them loaded, so the first Reconstruct does not wait for them."""
     apply_environment(settings)
-    total = max(1, sum(1 for e in manifest().values() if e.get("required", True)))
+    total = max(1, sum(1 for e in manifest().values() if e.get("required", True))) + prepare
     done = [0]
 
     def say(message: str) -> None:
@@ -297,7 +300,16 @@ def _fetch(settings: Settings, progress=None, cancelled=None):
         if progress is not None:
             progress(message, min(done[0] / total, 1.0))
 
-    return fetch_assets(progress=say)
+    fetched = fetch_assets(progress=say)
+    if prepare:
+        say("prepare the models (once)")
+        try:
+            from ..core.pipeline import default_reconstructor  # imported already: see execute
+
+            default_reconstructor().load_models()
+        except Exception:  # noqa: BLE001 - the assets are ready; the first Reconstruct will say more
+            pass
+    return fetched
 
 
 class FG3D_OT_fetch_assets(_ModalJob, bpy.types.Operator):
@@ -311,7 +323,11 @@ class FG3D_OT_fetch_assets(_ModalJob, bpy.types.Operator):
     synchronous: BoolProperty(default=False, options={"HIDDEN", "SKIP_SAVE"})  # type: ignore[valid-type]
 
     def execute(self, context):
-        return self._run_job(context, Settings(filepath="", env=prefs.environment(context)), _fetch)
+        prepare = not dependencies.missing()
+        if prepare:
+            import_pipeline()  # on the main thread, before the worker: see job.import_pipeline
+        target = functools.partial(_fetch, prepare=prepare)
+        return self._run_job(context, Settings(filepath="", env=prefs.environment(context)), target)
 
     def _apply(self, context, result):
         self.report({"INFO"}, f"FG3D: assets ready in {cache_dir()} ({result or 0} fetched now)")
