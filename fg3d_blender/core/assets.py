@@ -318,9 +318,8 @@ def load_derived(name: str, build: Callable[[], Dict[str, np.ndarray]]) -> Dict[
     import numpy as np  # see the note at the imports
 
     path = derived_path(name)
-    digest_file = path.with_name(path.name + ".sha256")
     try:
-        if path.is_file() and digest_file.read_text(encoding="ascii").strip() == sha256_of(path):
+        if _digest_matches(path):
             with np.load(path, allow_pickle=False) as z:
                 return {k: z[k] for k in z.files}
     except (OSError, ValueError, EOFError, KeyError):  # unreadable or not an npz: build it again
@@ -328,15 +327,32 @@ def load_derived(name: str, build: Callable[[], Dict[str, np.ndarray]]) -> Dict[
     arrays = build()
     buf = io.BytesIO()
     np.savez(buf, **arrays)
+    _write_with_digest(path, lambda tmp: tmp.write_bytes(buf.getbuffer()))
+    return arrays
+
+
+def _digest_matches(path: Path) -> bool:
+    """``path`` is a file whose sha256 is the one kept beside it in ``<name>.sha256``."""
+    try:
+        digest = path.with_name(path.name + ".sha256").read_text(encoding="ascii").strip()
+        return path.is_file() and digest == sha256_of(path)
+    except (OSError, ValueError):
+        return False
+
+
+def _write_with_digest(path: Path, write: Callable[[Path], None]) -> bool:
+    """``write(tmp)``, then ``path`` and its ``.sha256`` beside it, each atomically; False when that
+    cannot be done (a read-only or full cache, or ``write`` failing)."""
     try:
         remove_stale(path.parent)
         with atomic_file(path) as tmp:
-            tmp.write_bytes(buf.getbuffer())
-        with atomic_file(digest_file) as tmp:
-            tmp.write_text(hashlib.sha256(buf.getbuffer()).hexdigest() + "\n", encoding="ascii")
-    except (OSError, FG3DError):
-        pass
-    return arrays
+            write(tmp)
+            digest = sha256_of(tmp)
+        with atomic_file(path.with_name(path.name + ".sha256")) as tmp:
+            tmp.write_text(digest + "\n", encoding="ascii")
+    except Exception:  # noqa: BLE001 - any writer's failure (dlib raises RuntimeError on a full disk)
+        return False
+    return True
 
 
 def derived_file(name: str, write: Callable[[Path], None]) -> Optional[Path]:
@@ -344,22 +360,7 @@ def derived_file(name: str, write: Callable[[Path], None]) -> Optional[Path]:
     beside it; None when it cannot be written (a read-only or full cache, or ``write`` failing: the
     caller then makes the thing in memory)."""
     path = derived_path(name)
-    digest_file = path.with_name(path.name + ".sha256")
-    try:
-        if path.is_file() and digest_file.read_text(encoding="ascii").strip() == sha256_of(path):
-            return path
-    except (OSError, ValueError):
-        pass
-    try:
-        remove_stale(path.parent)
-        with atomic_file(path) as tmp:
-            write(tmp)
-            digest = sha256_of(tmp)
-        with atomic_file(digest_file) as tmp:
-            tmp.write_text(digest + "\n", encoding="ascii")
-    except Exception:  # noqa: BLE001 - any writer's failure (dlib raises RuntimeError on a full disk)
-        return None
-    return path
+    return path if _digest_matches(path) or _write_with_digest(path, write) else None
 
 
 def load_mapped(
