@@ -16,6 +16,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -86,6 +87,51 @@ def test_a_taken_name_is_found_before_any_file_is_renamed(tmp_path):
     with pytest.raises(FG3DError, match="b.txt: exists and is not a file"):
         w.commit()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.txt"]
+
+
+class _Stop(BaseException):
+    pass
+
+
+def test_a_signal_at_any_moment_of_writing_leaves_no_temporary(tmp_path):
+    """SIGTERM sent at random moments from another thread (as the kernel may deliver it) while the
+    main thread creates temporaries and commits: the handler's exception never strands a file."""
+
+    armed = [False]
+
+    def stop(signum, frame):
+        if armed[0]:  # one exception per writer; a signal during the cleanup that follows is dropped
+            armed[0] = False
+            raise _Stop()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    delays = np.random.default_rng(0).uniform(0, 4e-4, 400)
+
+    def sender():
+        for d in delays:
+            time.sleep(float(d))
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=sender)
+    stops = 0
+    try:
+        thread.start()
+        while thread.is_alive():
+            w = AtomicWriter(tmp_path)
+            try:
+                armed[0] = True
+                for name in ("a.obj", "a.glb", "a.png"):
+                    w.path(name)
+                w.commit()
+                armed[0] = False
+            except _Stop:
+                stops += 1
+                w.abort()
+        thread.join()
+        time.sleep(0.02)  # a last signal still on its way
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert stops > 100 and _parts(tmp_path) == [], (stops, _parts(tmp_path))
 
 
 def test_stale_temporaries_of_dead_processes_are_removed_live_ones_kept(tmp_path):

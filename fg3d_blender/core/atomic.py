@@ -14,9 +14,10 @@ import os
 import re
 import secrets
 import signal
+import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, List, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Tuple, Union
 
 from .errors import FG3DError
 
@@ -87,8 +88,9 @@ class AtomicWriter:
 
     def path(self, name: str) -> str:
         check_name(name)
-        tmp = temp_file(self.out_dir)
-        self.pending.append((tmp, self.out_dir / name))
+        with signals_held():  # a file created is a file recorded, so ``abort`` finds it
+            tmp = temp_file(self.out_dir)
+            self.pending.append((tmp, self.out_dir / name))
         return str(tmp)
 
     def commit(self) -> List[Path]:
@@ -98,7 +100,7 @@ class AtomicWriter:
                 raise FG3DError(f"{final}: exists and is not a file; nothing was written for this photo")
         done: List[Path] = []
         try:
-            with _signals_held():  # Ctrl-C or SIGTERM now waits until every file is renamed
+            with signals_held():  # Ctrl-C or SIGTERM now waits until every file is renamed
                 for tmp, final in self.pending:
                     os.replace(tmp, final)
                     done.append(final)
@@ -115,26 +117,52 @@ class AtomicWriter:
         return done
 
     def abort(self) -> None:
-        for tmp, _ in self.pending:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-        self.pending = []
+        with signals_held():  # a second Ctrl-C does not stop the cleaning half-way
+            for tmp, _ in self.pending:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+            self.pending = []
+
+
+_HELD = (signal.SIGINT, signal.SIGTERM)
 
 
 @contextmanager
-def _signals_held() -> Iterator[None]:
-    held = {signal.SIGINT, signal.SIGTERM}
+def signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait until the block ends, then act as they would have.
+
+    Python runs signal handlers in the main thread only, between two steps of its code, whichever
+    thread the kernel delivered the signal to (so a thread's signal mask cannot hold them).  In the
+    main thread the handlers written in Python (the CLI's SIGTERM, Python's own Ctrl-C) are swapped
+    for one that notes the signal, and called afterwards; no other thread can be interrupted.  A
+    handler set outside Python (an embedding host's) is left alone."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: List[int] = []
+    swapped: Dict[int, Callable] = {}
     try:
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
-    except (AttributeError, OSError, ValueError):  # no POSIX signal masks (Windows)
-        previous = None
-    try:
+        for signum in _HELD:
+            handler = signal.getsignal(signum)
+            if callable(handler):
+                swapped[signum] = handler
+                signal.signal(signum, lambda s, _frame: caught.append(s))
         yield
     finally:
-        if previous is not None:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        _restore(swapped, list(swapped))
+    for signum in caught[:1]:  # the first one acts (it raises, as a rule); like a second Ctrl-C, others go
+        swapped[signum](signum, None)
+
+
+def _restore(swapped: Dict[int, Callable], order: List[int]) -> None:
+    """Put every swapped handler back, even if a signal's own handler raises in between."""
+    if order:
+        try:
+            signal.signal(order[0], swapped[order[0]])
+        finally:
+            _restore(swapped, order[1:])
 
 
 @contextmanager
@@ -142,9 +170,8 @@ def atomic_file(final: PathLike) -> Iterator[Path]:
     """``with atomic_file(p) as tmp:`` write ``tmp``; it becomes ``p`` only when the block succeeds."""
     final = Path(final)
     writer = AtomicWriter(final.parent)
-    tmp = Path(writer.path(final.name))
     try:
-        yield tmp
+        yield Path(writer.path(final.name))
     except BaseException:
         writer.abort()
         raise

@@ -19,7 +19,7 @@ from typing import Callable, Dict, Iterable, List, Optional
 import cv2
 import numpy as np
 
-from .atomic import NAME_MAX, AtomicWriter, remove_stale, temp_file
+from .atomic import NAME_MAX, AtomicWriter, remove_stale, signals_held, temp_file
 from .errors import FG3DError
 from .render import interpolate, render_face
 
@@ -344,7 +344,8 @@ def check_output_dir(out_dir) -> None:
         folder = next((q for q in (p, *p.parents) if q.exists()), Path("."))
         if not folder.is_dir():
             raise FG3DError(f"{p}: cannot create the output folder ({folder} is a file)")
-        os.unlink(temp_file(folder))
+        with signals_held():  # the probe is never left behind
+            os.unlink(temp_file(folder))
     except OSError as exc:
         raise FG3DError(f"{p}: cannot write there ({exc.strerror or exc})") from None
 
