@@ -29,8 +29,9 @@ from fg3d_blender.core.pipeline import Reconstructor
 
 HOLDOUT = 0.05
 SHARD = 500
-CACHE_VERSION = 4  # 2: refitted coarse fits and the landmark head's prediction; 3: expression weights;
-# 4: the refit's expression sparsity grows with the yaw (RefitPriors.profile)
+CACHE_VERSION = 5  # 2: refitted coarse fits and the landmark head's prediction; 3: expression weights;
+# 4: the refit's expression sparsity grows with the yaw (RefitPriors.profile); 5: the landmark head
+# averaged over the shifted crops (morphable.HEAD_SHIFTS)
 ALBEDO_SIGMA_FRAC = 1.0 / 32  # low-pass of the albedo estimate, fraction of the UV size
 
 
