@@ -23,27 +23,17 @@ from fg3d_blender.core.image_io import IMAGE_EXTS, load_image
 from fg3d_blender.core.landmarks import MODEL_FILE, LandmarkPredictor
 
 
-def _timed(det: Detector, img: np.ndarray, largest: bool):
+def _timed(fn, *args):
+    """(``fn(*args)``, the ms it took)."""
     t0 = time.perf_counter()
-    out = det.faces(img, use_cnn=False, largest=largest)
+    out = fn(*args)
     return out, (time.perf_counter() - t0) * 1000.0
-
-
-def _loaded(make):
-    t0 = time.perf_counter()
-    return make(), time.perf_counter() - t0
-
-
-def _landmarks_ms(fn, gray, rect):
-    t0 = time.perf_counter()
-    pts = fn(gray, rect)
-    return pts, (time.perf_counter() - t0) * 1000.0
 
 
 def run(args) -> dict:
     det = Detector()
-    ours, ours_load = _loaded(LandmarkPredictor)
-    theirs, theirs_load = _loaded(lambda: dlib.shape_predictor(str(dlib_model_path(MODEL_FILE))))
+    ours, ours_load_ms = _timed(LandmarkPredictor)
+    theirs, theirs_load_ms = _timed(dlib.shape_predictor, str(dlib_model_path(MODEL_FILE)))
     dlib_points = lambda g, r: np.array([[q.x, q.y] for q in theirs(g, r).parts()], np.int64)  # noqa: E731
     lm_equal, lm_differ, ours_ms, theirs_ms = 0, [], [], []
     paths = [p for d in args.dir for p in sorted(Path(d).rglob("*")) if p.suffix.lower() in IMAGE_EXTS]
@@ -53,13 +43,13 @@ def run(args) -> dict:
             img = load_image(p)
         except FG3DError:
             continue
-        full, t_full = _timed(det, img, False)
-        alone, t_alone = _timed(det, img, True)
+        full, t_full = _timed(det.faces, img, False, False)
+        alone, t_alone = _timed(det.faces, img, False, True)
         gray, s, _ = working_gray(img)
         short += quick_largest(img, det.hog, gray, s) is not None
         for rect in det.hog(gray, 0):
-            a, t_a = _landmarks_ms(ours, gray, rect)
-            b, t_b = _landmarks_ms(dlib_points, gray, rect)
+            a, t_a = _timed(ours, gray, rect)
+            b, t_b = _timed(dlib_points, gray, rect)
             ours_ms.append(t_a)
             theirs_ms.append(t_b)
             if np.array_equal(a, b):
@@ -96,7 +86,7 @@ def run(args) -> dict:
         "landmarks_different": len(lm_differ),
         "landmarks_ms_median": round(statistics.median(ours_ms), 3) if ours_ms else None,
         "dlib_landmarks_ms_median": round(statistics.median(theirs_ms), 3) if theirs_ms else None,
-        "predictor_load_s": round(ours_load, 3),
-        "dlib_predictor_load_s": round(theirs_load, 3),
+        "predictor_load_s": round(ours_load_ms / 1000, 3),
+        "dlib_predictor_load_s": round(theirs_load_ms / 1000, 3),
         "landmarks_differing": lm_differ[:20],
     }

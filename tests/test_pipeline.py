@@ -219,7 +219,7 @@ def test_the_refits_landmark_target_moves_less_with_the_crop_than_one_crops_head
             averaged.append(REC.fit(img, start, passes=1).head_landmarks)
             roi = morphable.roi_from_landmarks(start)
             _, lm = morphable.regress(morphable.crop_resize(img, roi)[None], REC.face_model, REC.regressor)
-            one.append(lm[0] * ((roi[2] - roi[0]) / morphable.CROP_SIZE) + roi[:2])
+            one.append(morphable.in_image(lm[0], roi))
         moved = [np.linalg.norm(x - x.mean(0), axis=2).mean() for x in (np.array(one), np.array(averaged))]
         ratios.append(moved[1] / moved[0])
     print("averaged / one crop:", np.round(ratios, 2))

@@ -344,6 +344,11 @@ def shifted(roi: np.ndarray, d) -> np.ndarray:
     return roi + np.array([d[0], d[1], d[0], d[1]]) * side
 
 
+def in_image(points: np.ndarray, roi: np.ndarray) -> np.ndarray:
+    """Points in the pixels of the ``CROP_SIZE`` crop of ``roi`` (``crop_resize``'s) in image pixels."""
+    return points * ((roi[2] - roi[0]) / CROP_SIZE) + roi[:2]
+
+
 def crop_resize(image: np.ndarray, roi: np.ndarray, size: int = CROP_SIZE) -> np.ndarray:
     """The roi box resampled to size×size (zero outside the photo), in one affine warp."""
     sx = (roi[2] - roi[0]) / size
@@ -529,7 +534,7 @@ def fit_3dmm(
         rois = [shifted(roi, d) for d in (HEAD_SHIFTS if last and refit else HEAD_SHIFTS[:1])]
         params, lm = regress(np.stack([crop_resize(image, r) for r in rois]), fm, net)
         fit = decode(params[0], roi, fm, dense=last and not refit)
-        heads = [lm[k] * ((r[2] - r[0]) / CROP_SIZE) + r[:2] for k, r in enumerate(rois)]
+        heads = [in_image(lm[k], r) for k, r in enumerate(rois)]
         fit.head_landmarks = np.mean(heads, axis=0).astype(np.float32)
         if refit:
             fit = refit_to_landmarks(fit, fit.head_landmarks, fm, priors, dense=last)
