@@ -245,8 +245,9 @@ def landmarks_in_view(scan: Scan, yaw: float, pitch: float) -> np.ndarray:
 
 
 def reconstruct(rec: Reconstructor, image: np.ndarray, refine: bool, refit: bool) -> Optional[np.ndarray]:
-    """The product's shape (mm, BFM frame) of the largest face found, or None when none is found."""
-    faces = rec.faces(image)
+    """The product's shape (mm, BFM frame) of the face its default takes (the largest found; the same
+    detection as ``Reconstructor.reconstruct``), or None when none is found."""
+    faces = rec.faces(image, largest=True)
     if not faces:
         return None
     fit = rec.fit(image, faces[0].landmarks, refit=refit)

@@ -6,7 +6,10 @@ group, a face across the room), HOG runs again on a copy at most ``DETECT_LARGE_
 faces are found (measured: real portraits pasted into a 4032×3024 photo are found down to an 80 px face,
 with landmarks within 1–2 px; the 1280 px copy alone missed them below 150–200 px).
 Then dlib's CNN (MMOD) detector on a copy at most ``CNN_MAX_SIDE`` wide, which finds the profile faces
-HOG misses.  For the largest face alone (the default) the CNN first runs on a copy at most
+HOG misses.  Asked for every face (a face index other than 0), the CNN also runs on a copy at most
+``CNN_QUICK_SIDE`` wide when HOG did find faces, and adds the faces HOG missed beside them (a friend
+turned away from the camera; on AFLW2000-3D's dev half 4 labelled faces, ~0.6 s a photo more).
+For the largest face alone (the default) the CNN first runs on a copy at most
 ``CNN_QUICK_SIDE`` wide, without upsampling, and the full-size pass runs only when that finds nothing:
 on AFLW2000-3D's dev half (1,000 photos, a quarter of them profiles HOG misses) this took the benchmark
 from 508 to 326 ms a photo and its detect-crop NME from 4.434 to 4.365 % (2D) and 5.947 to 5.912 % (3D),
@@ -38,6 +41,7 @@ DETECT_LARGE_SIDE = 2560
 CNN_MAX_SIDE = 640
 CNN_QUICK_SIDE = 320  # the largest face alone: the CNN first on a copy this wide (faces ≳ 80 px of it)
 CNN_MIN_SIDE = 16  # dlib's CNN fails below ~8 px a side (a RuntimeError, at times heap corruption and abort)
+SAME_FACE_OVERLAP = 0.5  # share of the smaller box two detections of one face overlap by (``same_face``)
 HOG_SKIP_LEVELS = 4  # pyramid levels the largest-face search leaves out (boxes < ~150 px of the copy)
 HOG_BOX = 73  # side of the frontal HOG detector's box at the pyramid level it was found on
 _PYRAMID = dlib.pyramid_down(6)  # the frontal HOG detector's own pyramid (each level 5/6 of the last)
@@ -86,7 +90,7 @@ class Detector:
         return self._cnn
 
     def faces(self, image_bgr: np.ndarray, use_cnn: bool = True, largest: bool = False) -> List[Face]:
-        """All faces in the photo, largest first (empty list if none); with ``largest`` only the largest
+        """Every face in the photo (``detect_faces``; empty list if none); with ``largest`` only the largest
         (found faster, see ``largest_hog``)."""
         return detect_faces(image_bgr, self, use_cnn, largest)
 
@@ -102,9 +106,11 @@ def _resized(img: np.ndarray, max_side: int):
 def detect_faces(
     image_bgr: np.ndarray, detector: Detector, use_cnn: bool = True, largest: bool = False
 ) -> List[Face]:
-    """All faces in the photo, largest first (empty list if none); with ``largest`` a list of the largest
-    face alone.  ``image_io`` refuses images whose aspect ratio dlib cannot handle; a dlib RuntimeError
-    that still happens becomes an FG3DError."""
+    """Every face in the photo (empty list if none): those HOG finds, largest first, then those only the CNN
+    finds beside them (turned faces, ``same_face`` tells the CNN's copies of HOG's faces apart), largest
+    first, so index 0 is always the default's face.  With ``largest`` a list of the largest face alone:
+    HOG's, or the CNN's when HOG finds none.  ``image_io`` refuses images whose aspect ratio dlib cannot
+    handle; a dlib RuntimeError that still happens becomes an FG3DError."""
     try:
         return _detect_faces(image_bgr, detector, use_cnn, largest)
     except RuntimeError as exc:
@@ -180,7 +186,7 @@ def _detect_faces(image_bgr: np.ndarray, detector: Detector, use_cnn: bool, larg
         quick = quick_largest(image_bgr, detector.hog, gray, s)
         if quick is not None:
             return [_face(detector, gray, s, quick[0], quick[1], "hog", image_bgr.shape)]
-    rects, scores, kind = [], [], "hog"
+    rects, scores = [], []
     attempts = [(DETECT_MAX_SIDE, 0)]
     if max(gray.shape) <= 800:
         attempts.append((DETECT_MAX_SIDE, 1))
@@ -192,28 +198,50 @@ def _detect_faces(image_bgr: np.ndarray, detector: Detector, use_cnn: bool, larg
         if len(dets):
             rects, scores, gray, s = list(dets), list(sc), g, gs
             break
-    if not rects and use_cnn:
+    found = _by_area([(r, sc, "hog") for r, sc in zip(rects, scores)], s, image_bgr.shape)
+    if use_cnn and not (largest and found):
         rgb = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB)
-        dets, s_cnn = _cnn_faces(detector, rgb, CNN_QUICK_SIDE, False) if largest else ([], 1.0)
-        if not dets:
+        # the largest face alone, or every face beside HOG's: first the quick copy
+        dets, s_cnn = _cnn_faces(detector, rgb, CNN_QUICK_SIDE, False) if largest or found else ([], 1.0)
+        if not dets and not found:
             dets, s_cnn = _cnn_faces(detector, rgb, CNN_MAX_SIDE, True)
-        ratio = s / s_cnn
-        for d in dets:
-            r = d.rect
-            rects.append(
-                dlib.rectangle(
-                    int(round(r.left() * ratio)),
-                    int(round(r.top() * ratio)),
-                    int(round(r.right() * ratio)),
-                    int(round(r.bottom() * ratio)),
-                )
-            )
-            scores.append(float(d.confidence))
-        kind = "cnn"
-    found = sorted(zip(rects, scores), key=lambda f: -_area(_box(f[0], s, image_bgr.shape)))  # stable
+        hog_boxes = [_box(r, s, image_bgr.shape) for r, _, _ in found]
+        cnn = [(_scaled(d.rect, s / s_cnn), float(d.confidence), "cnn") for d in dets]
+        found += _by_area(
+            [f for f in cnn if not any(same_face(_box(f[0], s, image_bgr.shape), b) for b in hog_boxes)],
+            s,
+            image_bgr.shape,
+        )
     return [
-        _face(detector, gray, s, r, sc, kind, image_bgr.shape) for r, sc in found[: 1 if largest else None]
+        _face(detector, gray, s, r, sc, kind, image_bgr.shape)
+        for r, sc, kind in found[: 1 if largest else None]
     ]
+
+
+def _by_area(found: list, s: float, shape) -> list:
+    """(box, score, kind) triples, largest box in the photo first (a stable sort: equals keep their order)."""
+    return sorted(found, key=lambda f: -_area(_box(f[0], s, shape)))
+
+
+def _scaled(r, ratio: float):
+    """A dlib box scaled by ``ratio`` (from the CNN's copy to HOG's)."""
+    return dlib.rectangle(
+        int(round(r.left() * ratio)),
+        int(round(r.top() * ratio)),
+        int(round(r.right() * ratio)),
+        int(round(r.bottom() * ratio)),
+    )
+
+
+def same_face(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two boxes (left, top, right, bottom) hold the same face: their intersection covers more than
+    ``SAME_FACE_OVERLAP`` of the smaller one (dlib's HOG and CNN boxes of one face: ≥ 0.6 on AFLW2000-3D;
+    two people side by side, or an ear HOG took for a face beside the real one: ≤ 0.45)."""
+    iw = min(a[2], b[2]) - max(a[0], b[0])
+    ih = min(a[3], b[3]) - max(a[1], b[1])
+    if iw <= 0 or ih <= 0:
+        return False
+    return iw * ih > SAME_FACE_OVERLAP * min(_area(a), _area(b))
 
 
 def _cnn_faces(detector: Detector, rgb: np.ndarray, side: int, upsample_small: bool):
@@ -249,13 +277,13 @@ def nearest_face(faces: List[Face], point) -> Face:
 
 
 def select_face(faces: List[Face], face_index: Optional[int], name: str = "photo") -> Face:
-    """The face to reconstruct: the largest by default, else ``face_index`` (0 = largest)."""
+    """The face to reconstruct: the first (the largest HOG finds) by default, else ``face_index``."""
     if not faces:
         raise NoFaceError(f"{name}: no face found")
     idx = 0 if face_index is None else face_index
     if not 0 <= idx < len(faces):
         raise FG3DError(
             f"{name}: face index {idx} requested but {len(faces)} face(s) found "
-            f"(valid: 0..{len(faces) - 1}, largest first)"
+            f"(valid: 0..{len(faces) - 1}, largest first, turned faces last)"
         )
     return faces[idx]

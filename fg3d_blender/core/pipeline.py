@@ -218,7 +218,8 @@ class Reconstructor:
     # ---- stages --------------------------------------------------------------------------------
 
     def faces(self, image: np.ndarray, use_cnn: bool = True, largest: bool = False):
-        """All faces, largest first; with ``largest`` the largest alone (a shorter HOG search)."""
+        """Every face (``detect.detect_faces``: HOG's largest first, then turned faces only the CNN finds);
+        with ``largest`` the largest alone (a shorter HOG search)."""
         return self.detector.faces(image, use_cnn, largest)
 
     def fit(self, image: np.ndarray, landmarks: np.ndarray, passes: int = 2, refit: bool = True) -> Fit:
