@@ -60,7 +60,7 @@ def reconstruct_options(*, add_camera: bool) -> dict[str, Any]:
             default=0,
             min=0,
             max=99,
-            description="Which face when the photo shows several (0 = the largest)",
+            description="Which face of several: 0 = the largest, then smaller ones, then turned ones",
         ),
         "texture_size": EnumProperty(  # type: ignore[func-returns-value]
             name="Texture",
