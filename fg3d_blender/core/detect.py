@@ -198,29 +198,26 @@ def _detect_faces(image_bgr: np.ndarray, detector: Detector, use_cnn: bool, larg
         if len(dets):
             rects, scores, gray, s = list(dets), list(sc), g, gs
             break
-    found = _by_area([(r, sc, "hog") for r, sc in zip(rects, scores)], s, image_bgr.shape)
+    shape = image_bgr.shape
+    found = _by_area([(r, sc, "hog", _box(r, s, shape)) for r, sc in zip(rects, scores)])
     if use_cnn and not (largest and found):
         rgb = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB)
         # the largest face alone, or every face beside HOG's: first the quick copy
         dets, s_cnn = _cnn_faces(detector, rgb, CNN_QUICK_SIDE, False) if largest or found else ([], 1.0)
         if not dets and not found:
             dets, s_cnn = _cnn_faces(detector, rgb, CNN_MAX_SIDE, True)
-        hog_boxes = [_box(r, s, image_bgr.shape) for r, _, _ in found]
         cnn = [(_scaled(d.rect, s / s_cnn), float(d.confidence), "cnn") for d in dets]
-        found += _by_area(
-            [f for f in cnn if not any(same_face(_box(f[0], s, image_bgr.shape), b) for b in hog_boxes)],
-            s,
-            image_bgr.shape,
-        )
+        cnn = [(r, sc, kind, _box(r, s, shape)) for r, sc, kind in cnn]
+        found += _by_area([f for f in cnn if not any(same_face(f[3], h[3]) for h in found)])
     return [
-        _face(detector, gray, s, r, sc, kind, image_bgr.shape)
-        for r, sc, kind in found[: 1 if largest else None]
+        _face(detector, gray, s, r, sc, kind, shape) for r, sc, kind, _ in found[: 1 if largest else None]
     ]
 
 
-def _by_area(found: list, s: float, shape) -> list:
-    """(box, score, kind) triples, largest box in the photo first (a stable sort: equals keep their order)."""
-    return sorted(found, key=lambda f: -_area(_box(f[0], s, shape)))
+def _by_area(found: list) -> list:
+    """(dlib box, score, kind, box in the photo) tuples, largest first (a stable sort: equals keep their
+    order)."""
+    return sorted(found, key=lambda f: -_area(f[3]))
 
 
 def _scaled(r, ratio: float):
